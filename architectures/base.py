@@ -1,0 +1,106 @@
+"""The interface every stbench model implements: synthetic batch, loss, parameter groups, training mode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+LATENT_SCALE = 8  # pixels per latent cell (the SD VAE's downsampling)
+TRAINING_MODES = ("temporal", "full")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class VideoBatch:
+    """One synthetic training batch: clean latents, the noise to predict, timesteps and text embeddings."""
+
+    latents: torch.Tensor  # (B, C, F, h, w)
+    noise: torch.Tensor  # (B, C, F, h, w)
+    timesteps: torch.Tensor  # (B,) int64
+    text: torch.Tensor  # (B, L, D)
+
+    def to(self, device=None, dtype=None) -> "VideoBatch":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return VideoBatch(move(self.latents), move(self.noise), self.timesteps.to(device), move(self.text))
+
+
+def scaled_linear_alphas_cumprod(steps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """Stable Diffusion's training schedule (scaled linear betas 0.00085..0.012)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class VideoModel(nn.Module):
+    """Base class of all stbench models: noise-prediction training on latent video."""
+
+    latent_channels: int = 4
+    text_tokens: int = 77
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(), persistent=False)
+
+    # --- what subclasses provide -------------------------------------------------------------
+    @property
+    def text_dim(self) -> int:
+        raise NotImplementedError
+
+    def group_of(self, parameter_name: str) -> str:
+        """'spatial', 'temporal' or 'estimator' for a parameter name of this model."""
+        raise NotImplementedError
+
+    def forward(self, sample, timesteps, text):  # (B,C,F,h,w), (B,), (B,L,D) -> (B,C,F,h,w)
+        raise NotImplementedError
+
+    # --- shared behaviour ----------------------------------------------------------------------
+    def make_batch(self, batch: int, frames: int, height: int, width: int, *, device="cpu",
+                   dtype=torch.float32, seed: int = 0) -> VideoBatch:
+        """Random latents/noise/text for a video of `frames` x `height` x `width` pixels."""
+        if height % LATENT_SCALE or width % LATENT_SCALE:
+            raise ValueError(f"height and width must be multiples of {LATENT_SCALE}, got {height}x{width}")
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch, self.latent_channels, frames, height // LATENT_SCALE, width // LATENT_SCALE)
+        out = VideoBatch(
+            latents=torch.randn(shape, generator=g),
+            noise=torch.randn(shape, generator=g),
+            timesteps=torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g),
+            text=torch.randn(batch, self.text_tokens, self.text_dim, generator=g),
+        )
+        return out.to(device=device, dtype=dtype)
+
+    def add_noise(self, latents, noise, timesteps):  # -> (B, C, F, h, w)
+        a = self.alphas_cumprod.to(latents.device)[timesteps].to(latents.dtype).view(-1, 1, 1, 1, 1)
+        return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+    def loss(self, batch: VideoBatch) -> torch.Tensor:
+        """Noise-prediction MSE, computed in fp32."""
+        noisy = self.add_noise(batch.latents, batch.noise, batch.timesteps)
+        pred = self(noisy, batch.timesteps, batch.text)  # (B, C, F, h, w)
+        return F.mse_loss(pred.float(), batch.noise.float())
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for name, _ in self.named_parameters():
+            groups.setdefault(self.group_of(name), []).append(name)
+        return groups
+
+    def set_training_mode(self, mode: str) -> "VideoModel":
+        """`temporal`: spatial (text-to-image) weights frozen; `full`: everything trains."""
+        if mode not in TRAINING_MODES:
+            raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
+        for name, p in self.named_parameters():
+            p.requires_grad_(mode == "full" or self.group_of(name) != "spatial")
+        self.training_mode = mode
+        return self
+
+    @property
+    def spatial_frozen(self) -> bool:
+        return getattr(self, "training_mode", "full") == "temporal"
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,81 @@
+"""Name -> builder registry; the command line's --arch choices are its keys."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .base import VideoModel
+
+FAMILY_MODULES = ("architectures.unet_serial", "architectures.unet_mobius", "architectures.dit")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered architecture: its config class, size presets and builder."""
+
+    name: str
+    family: str  # "unet" or "dit"
+    config_cls: type
+    presets: dict[str, Callable[[], Any]]
+    build: Callable[[Any], VideoModel]
+    description: str = ""
+    # raises ValueError when the model cannot take a (frames, height, width) pixel shape
+    check_shape: Callable[[Any, int, int, int], None] | None = None
+
+
+_REGISTRY: dict[str, Architecture] = {}
+_loaded = False
+
+
+def register(arch: Architecture) -> Architecture:
+    if arch.name in _REGISTRY:
+        raise ValueError(f"architecture {arch.name!r} registered twice")
+    _REGISTRY[arch.name] = arch
+    return arch
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in FAMILY_MODULES:
+            importlib.import_module(module)
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Architecture:
+    _load()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; legal: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def make_config(name: str, preset: str = "tiny", **overrides):
+    """The preset's config with `overrides` (already typed) replacing fields."""
+    arch = get(name)
+    if preset not in arch.presets:
+        raise KeyError(f"unknown preset {preset!r} for {name}; legal: {', '.join(arch.presets)}")
+    config = arch.presets[preset]()
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise KeyError(f"unknown config field {unknown[0]!r} for {name}; legal: {', '.join(sorted(fields))}")
+    return dataclasses.replace(config, **overrides)
+
+
+def build(name: str, preset: str = "tiny", *, device: str | torch.device | None = None,
+          **overrides) -> VideoModel:
+    """Build a model with random weights; device='meta' counts parameters without memory."""
+    config = make_config(name, preset, **overrides)
+    if device is None:
+        return get(name).build(config)
+    with torch.device(device):
+        return get(name).build(config)

@@ -1,0 +1,43 @@
+"""`python -m stbench COMMAND`: each command lives in its own module with `add_arguments` and `execute`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+COMMANDS = {
+    "run": ("stbench.runner", "measure a sweep of training steps and append results"),
+    "gate": ("stbench.gate", "compare a run against a baseline; exit 1 on a regression"),
+    "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
+    "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line `stbench: error: ...` and exit code 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="stbench", description="Benchmark text-to-video training architectures.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "stbench") -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(importlib.import_module(COMMANDS[args.command][0]).execute(args) or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; results written so far are kept (rerun with --resume)", file=sys.stderr)
+        return 130
