@@ -13,6 +13,7 @@ from .errors import UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
+CONTEXT_PARALLEL = ("ulysses", "ring")
 
 
 def _parse_scalar(text: str, kind: type, key: str):
@@ -72,6 +73,7 @@ class Case:
     device: str = "cpu"
     compile: bool = False
     overrides: tuple[tuple[str, str], ...] = ()  # raw --set pairs, sorted by key
+    context_parallel: str | None = None  # "ulysses" | "ring" under torchrun; None on one process
 
     def __post_init__(self):
         try:
@@ -94,6 +96,10 @@ class Case:
             raise UserError(f"dtype: {self.dtype!r} is not legal; legal: {', '.join(DTYPES)}")
         if self.device.split(":")[0] not in DEVICES:
             raise UserError(f"device: {self.device!r} is not legal; legal: cpu, cuda, cuda:N")
+        if self.context_parallel is not None and (self.context_parallel not in CONTEXT_PARALLEL
+                                                  or arch.family != "dit"):
+            raise UserError(f"context_parallel: {self.context_parallel!r} is not legal for {self.arch}; legal: "
+                            f"{', '.join(CONTEXT_PARALLEL)} with a dit-* architecture")
         config = self.model_config()  # validates the overrides
         if arch.check_shape is not None:
             try:
@@ -125,7 +131,8 @@ class Case:
         """The fields that name a case: results are matched on these (resume, gate, report)."""
         return {"arch": self.arch, "preset": self.preset, "overrides": self.override_dict, "mode": self.mode,
                 "batch": self.batch, "frames": self.frames, "resolution": self.resolution,
-                "dtype": self.dtype, "device": self.device, "compile": self.compile}
+                "dtype": self.dtype, "device": self.device, "compile": self.compile,
+                "context_parallel": self.context_parallel}
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,7 @@ class Sweep:
     device: str = "cpu"
     compile: bool = False
     overrides: tuple[tuple[str, str], ...] = ()
+    context_parallel: str | None = None
     repeats: int = 5
     warmup: int = 2
     cases: tuple[Case, ...] = field(init=False, repr=False, compare=False)
@@ -156,6 +164,7 @@ class Sweep:
             raise UserError(f"warmup: must be >= 2 (first steps pay allocation and autotuning), got {self.warmup}")
         cases = tuple(
             Case(arch=a, preset=self.preset, mode=self.mode, batch=b, frames=f, resolution=r, dtype=self.dtype,
-                 device=self.device, compile=self.compile, overrides=self.overrides)
+                 device=self.device, compile=self.compile, overrides=self.overrides,
+                 context_parallel=self.context_parallel)
             for a, r, f, b in itertools.product(self.archs, self.resolutions, self.frames, self.batches))
         object.__setattr__(self, "cases", cases)

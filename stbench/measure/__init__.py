@@ -1,0 +1,1 @@
+"""Measurements of one training step: time, memory, activations, FLOPs, environment."""

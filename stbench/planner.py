@@ -1,0 +1,10 @@
+"""(being written)"""
+from .errors import UserError
+
+
+def add_arguments(parser):
+    pass
+
+
+def execute(args):
+    raise UserError("'planner' is not built yet")
