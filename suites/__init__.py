@@ -1,0 +1,1 @@
+"""pytest-benchmark suites over stbench cases (`pytest suites/ --benchmark-only`)."""
