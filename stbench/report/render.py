@@ -1,0 +1,223 @@
+"""Read a run folder and render its one-file HTML report (jinja2, autoescaped, no external assets)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import jinja2
+
+from .. import results
+from ..errors import UserError
+from ..trace import SUMMARY_FILE, load_summary
+from . import figures, verdict
+
+RUN_FILE = "run.json"
+TRACES_DIR = "traces"
+REPORT_FILE = "report.html"
+TEMPLATES = Path(__file__).parent / "templates"
+ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
+REQUIRED_TEXT = ("arch", "preset", "mode", "dtype", "device", "status")
+REQUIRED_INT = ("batch", "frames", "resolution")
+RECORD_COLUMNS = ("arch", "preset", "mode", "resolution", "frames", "batch", "dtype", "device", "status")
+
+
+def run_folder(run: str | os.PathLike) -> Path:
+    """The folder of a run given as a folder or as its results .jsonl file; a missing run is a UserError."""
+    path = Path(run)
+    if not path.exists():
+        raise UserError(f"no such run: {path}")
+    if path.is_dir():
+        if not (path / results.RESULTS_FILE).is_file():
+            raise UserError(f"{path} holds no {results.RESULTS_FILE} (not a stbench run folder)")
+        return path
+    return path.parent
+
+
+def check_records(run, records: list[dict]) -> None:
+    """The fields the report relies on must be present and typed; anything else may be missing (null)."""
+    for number, record in enumerate(records, 1):
+        for name in REQUIRED_TEXT + REQUIRED_INT:
+            value = record.get(name)
+            kind = int if name in REQUIRED_INT else str
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(f"{results.results_path(run)}: record {number} has no valid {name!r} "
+                                f"(got {value!r}; malformed results file)")
+        if record["status"] not in results.STATUSES:
+            raise UserError(f"{results.results_path(run)}: record {number} has status {record['status']!r}; "
+                            f"legal: {', '.join(results.STATUSES)}")
+
+
+def read_run_info(folder: Path) -> dict:
+    """run.json written by the runner; {} when absent (a bare results file); a malformed one is an error."""
+    path = folder / RUN_FILE
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return info
+
+
+def find_traces(folder: Path, records: list[dict]) -> list[dict]:
+    """Trace folders of the run: one per case that has RUN/traces/<case_slug>/ (or a summary in its record)."""
+    traces, seen = [], set()
+    for record in records:
+        slug = results.case_slug(record)
+        trace_dir = folder / TRACES_DIR / slug
+        summary = load_summary(trace_dir) or (record.get("trace") if isinstance(record.get("trace"), dict) else None)
+        files = sorted(p.name for p in trace_dir.glob("*.pt.trace.json*")) if trace_dir.is_dir() else []
+        if summary is None and not files:
+            continue
+        seen.add(slug)
+        traces.append({"slug": slug, "record": record, "summary": summary, "files": files,
+                       "folder": f"{TRACES_DIR}/{slug}"})
+    if (folder / TRACES_DIR).is_dir():
+        for extra in sorted(p for p in (folder / TRACES_DIR).iterdir() if p.is_dir() and p.name not in seen):
+            traces.append({"slug": extra.name, "record": None, "summary": load_summary(extra),
+                           "files": sorted(p.name for p in extra.glob("*.pt.trace.json*")),
+                           "folder": f"{TRACES_DIR}/{extra.name}"})
+    return traces
+
+
+def environment(records: list[dict]) -> list[tuple[str, str]]:
+    """Each env field with its distinct values across records (several values: the run mixed machines)."""
+    rows = []
+    for name in ENV_FIELDS:
+        values = Counter(str((r.get("env") or {}).get(name)) for r in records if (r.get("env") or {}).get(name)
+                         is not None)
+        if values:
+            rows.append((name, ", ".join(v if len(values) == 1 else f"{v} ({n} records)"
+                                         for v, n in values.most_common())))
+    times = sorted((r.get("env") or {}).get("time") for r in records if (r.get("env") or {}).get("time"))
+    if times:
+        rows.append(("measured", times[0] if len(times) == 1 else f"{times[0]} to {times[-1]}"))
+    return rows
+
+
+# --- formatting filters -------------------------------------------------------------------------------
+
+def fmt_ms(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
+def fmt_bytes(value) -> str:
+    if value is None:
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
+
+
+def fmt_pct(value, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.1f}%" if signed else f"{value:.1f}%"
+
+
+def fmt_ratio(ratio) -> str:
+    if ratio is None:
+        return "—"
+    text = f"{ratio.value:.2f}x"
+    if ratio.low is not None:
+        text += f" ({ratio.low:.2f}–{ratio.high:.2f})"
+    return text
+
+
+def fmt_count(value) -> str:
+    if value is None:
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def make_environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(ms=fmt_ms, bytes=fmt_bytes, pct=fmt_pct, ratio=fmt_ratio, count=fmt_count,
+                       slug=results.case_slug, config=verdict.config_label,
+                       settings=verdict.settings_label)
+    return env
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
+                  title: str | None = None) -> dict:
+    folder = run_folder(run)
+    all_records = results.read_records(run)
+    check_records(run, all_records)
+    records = verdict.latest_per_case(all_records)
+    info = read_run_info(folder)
+    traces = find_traces(folder, records)
+    traced = [(t["record"], t["summary"]) for t in traces if t["record"] is not None and t["summary"]]
+
+    figure_list, frontiers = [], []
+    for label, group in figures.groups(records):
+        for x_field, panel in (("frames", "resolution"), ("resolution", "frames")):
+            figure_list.append(figures.scaling_figure(group, label, x_field, panel))
+        figure_list.append(figures.breakdown_figure(group, label))
+        frontier_figure, table = figures.oom_frontier(group, label)
+        figure_list.append(frontier_figure)
+        if table:
+            frontiers.append({"label": label, "rows": table})
+    figure_list.append(figures.region_figure(traced))
+
+    base = None
+    if baseline is not None:
+        run_folder(baseline)
+        baseline_records = results.read_records(baseline)
+        check_records(baseline, baseline_records)
+        rows, only_current, only_baseline = verdict.baseline_deltas(records, baseline_records)
+        base = {"path": str(baseline), "rows": rows, "only_current": only_current, "only_baseline": only_baseline}
+
+    statuses = Counter(r["status"] for r in records)
+    return {
+        "title": title or f"stbench report: {folder.resolve().name}",
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run_path": str(run),
+        "info": info,
+        "sweep": [(k, ", ".join(map(str, v)) if isinstance(v, list) else v)
+                  for k, v in sorted((info.get("sweep") or {}).items())],
+        "environment": environment(records),
+        "records": sorted(records, key=lambda r: (r["arch"], r["preset"], r["mode"], r["resolution"], r["frames"],
+                                                  r["batch"], r["dtype"], r["device"])),
+        "superseded": len(all_records) - len(records),
+        "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
+        "comparisons": [c for c in (verdict.compare(records, comp) for comp in verdict.COMPARISONS) if c],
+        "figures": [f for f in figure_list if f is not None],
+        "frontiers": frontiers,
+        "warnings": [(r, w) for r in records for w in (r.get("warnings") or [])],
+        "failures": [r for r in records if r["status"] != "ok"],
+        "baseline": base,
+        "traces": traces,
+        "traces_dir": str(folder / TRACES_DIR),
+        "summary_file": SUMMARY_FILE,
+        "columns": RECORD_COLUMNS,
+    }
+
+
+def render_report(run: str | os.PathLike, output: str | os.PathLike | None = None, *,
+                  baseline: str | os.PathLike | None = None, title: str | None = None) -> Path:
+    """Render the report of `run` into `output` (default RUN/report.html); returns the path written."""
+    context = build_context(run, baseline=baseline, title=title)
+    html = make_environment().get_template("report.html").render(**context)
+    out = Path(output) if output is not None else run_folder(run) / REPORT_FILE
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
