@@ -1,0 +1,385 @@
+"""`torchrun ... -m stbench run --context-parallel ulysses|ring`: context-parallel training steps, one record per case.
+
+Every rank builds the same model (same seed, then rank 0's weights broadcast) and the same batch; the DiT's
+tokens are sharded over the ranks (architectures.attention.context_parallel). Rank 0 writes one record per
+case with the usual fields (step times are the slowest rank's, per step) plus per-rank lists.
+
+Failure handling: the process group has a timeout (env STBENCH_DIST_TIMEOUT, seconds, default 300), so a
+collective waiting on a dead rank raises instead of hanging. A rank that fails publishes its error in the
+rendezvous store; a watchdog thread on every rank polls for it, prints `stbench: error: rank R failed ...`
+and ends that rank, and rank 0 first appends an error record for the case (a --resume run goes on after it).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import results
+from .config import Case, Sweep
+from .errors import UserError
+from .measure import activations, env, flops, memory, nvml, timing
+
+DEFAULT_TIMEOUT_S = 300.0
+FAILURE_KEY = "stbench/failure"
+POLL_S = 0.2
+FAIL_RANK_ENV = "STBENCH_DIST_FAIL_RANK"  # testing hook: "R:raise|exit|hang" makes rank R fail before its first step
+
+
+def timeout_seconds() -> float:
+    text = os.environ.get("STBENCH_DIST_TIMEOUT", "")
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"STBENCH_DIST_TIMEOUT: expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise UserError(f"STBENCH_DIST_TIMEOUT: must be > 0, got {text!r}")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise UserError(f"{name}: expected an integer, got {os.environ.get(name)!r}") from None
+
+
+def init_process_group(device: str) -> tuple[int, int, str]:
+    """NCCL on CUDA (one GPU per local rank), gloo on CPU; returns (rank, world, device)."""
+    rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    timeout = timedelta(seconds=timeout_seconds())
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("device: cuda requested but no CUDA device is available")
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    return rank, world, device
+
+
+class FailureWatch:
+    """Publishes this rank's failure and ends this rank when another rank publishes one."""
+
+    def __init__(self, rank: int, on_failure=None):
+        self.rank, self.on_failure = rank, on_failure
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - without a store only the process-group timeout protects us
+            self.store = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="stbench-failure-watch", daemon=True)
+
+    def start(self) -> "FailureWatch":
+        if self.store is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def publish(self, message: str) -> None:
+        if self.store is not None:
+            try:
+                if not self.store.check([FAILURE_KEY]):
+                    self.store.set(FAILURE_KEY, message)
+            except Exception:  # noqa: BLE001 - the store host may be gone already
+                pass
+
+    def peer_failure(self, wait_s: float = 1.0) -> str | None:
+        """Another rank's published failure, waiting up to `wait_s` for it (our own error may be its echo)."""
+        deadline = time.monotonic() + wait_s
+        while self.store is not None:
+            try:
+                if self.store.check([FAILURE_KEY]):
+                    message = self.store.get(FAILURE_KEY).decode(errors="replace")
+                    return None if message.startswith(f"rank {self.rank} failed") else message
+            except Exception:  # noqa: BLE001
+                return None
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(POLL_S / 2)
+        return None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                if not self.store.check([FAILURE_KEY]):
+                    continue
+                message = self.store.get(FAILURE_KEY).decode(errors="replace")
+            except Exception as e:  # noqa: BLE001 - rank 0 (the store's host) died
+                message = f"lost contact with rank 0 ({type(e).__name__}: {e})"
+            if self._stop.is_set() or message.startswith(f"rank {self.rank} failed"):
+                return
+            _abort(self.rank, message, self.on_failure)
+
+
+def _abort(rank: int, message: str, on_failure=None, code: int = 1, linger_s: float = 0.0) -> None:
+    """Print one clear line, let rank 0 record the failed case, and end this process now (no teardown hang).
+
+    `linger_s`: a rank that published its own failure stays that long so the others (and, if it is rank 0,
+    the store it hosts) can still read the message.
+    """
+    print(f"stbench: error: {message} (rank {rank} stops; the run ends)", file=sys.stderr, flush=True)
+    if on_failure is not None:
+        try:
+            on_failure(message)
+        except Exception:  # noqa: BLE001
+            pass
+    sys.stdout.flush()
+    time.sleep(linger_s)
+    os._exit(code)
+
+
+def _inject_failure(rank: int) -> None:
+    spec = os.environ.get(FAIL_RANK_ENV, "")
+    if spec:
+        target, _, how = spec.partition(":")
+        if target.strip() == str(rank):
+            if how.strip() == "exit":
+                os._exit(3)  # dies without a word, as a killed process would
+            if how.strip() == "hang":
+                time.sleep(3600)  # stuck (a deadlock, a wedged device): the others time out
+            raise RuntimeError(f"injected failure on rank {rank} ({FAIL_RANK_ENV}={spec})")
+
+
+def check_case(case: Case, world: int) -> None:
+    """Shape conditions every rank can check alike before any collective; ValueError if not met."""
+    config = case.model_config()
+    pt, ph, pw = config.patch_size
+    tokens = (case.frames // pt) * (case.resolution // 8 // ph) * (case.resolution // 8 // pw)
+    if tokens % world:
+        raise ValueError(f"{tokens} tokens do not split over {world} ranks")
+    if case.context_parallel == "ring" and config.attention == "dsv" and (tokens // world) % config.block_size:
+        raise ValueError(f"ring + dsv: {tokens // world} tokens per rank is not a multiple of block_size "
+                         f"{config.block_size} (--set block_size=...)")
+    if case.context_parallel == "ring" and config.attention not in ("full", "dsv"):
+        raise ValueError(f"ring context parallelism supports dit-full and dit-dsv, not attention "
+                         f"{config.attention!r}; use ulysses")
+
+
+def _gather(value):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int) -> dict:
+    """One context-parallel case on every rank; returns the record (complete on rank 0)."""
+    from architectures.attention.context_parallel import make_context_parallel
+
+    from .step import TrainingStep
+
+    device = torch.device(case.device if not case.device.startswith("cuda") else "cuda")
+    record = results.new_record(case.identity())
+    record.update(world_size=world, env=env.collect_env(device), warmup=warmup)
+    step = TrainingStep(case)
+    model = step.model
+    cp = make_context_parallel(case.context_parallel)
+    cp.broadcast_parameters(model)
+    cp.attach(model, step.optimizer)
+    record["params_total"] = sum(p.numel() for p in model.parameters())
+    record["params_trainable"] = sum(p.numel() for p in step.trainable)
+    record["param_bytes"] = memory.param_bytes(model)
+    record["grad_bytes"] = memory.grad_bytes(step.trainable)
+
+    step_bytes: list[int] = []
+
+    def counted_step():
+        before = cp.counter.total
+        loss = step()
+        step_bytes.append(cp.counter.total - before)
+        return loss
+
+    _inject_failure(rank)
+    timing.warm_up(counted_step, warmup, device)
+    step_bytes.clear()
+    cp.counter.reset()
+    memory.reset_peaks(device)
+    with nvml.NvmlSampler(device) as sampler:
+        times = timing.time_steps(counted_step, repeats, device)
+    peaks = memory.allocator_peaks(device)
+    by_kind = {k: v // repeats for k, v in cp.counter.bytes_by_kind.items()}
+    mine = {"samples": times.samples_ms, "median": times.median_ms, "peak_allocated": peaks[0],
+            "peak_reserved": peaks[1], "nvml_peak_process": sampler.peak_process,
+            "comm_bytes": sorted(step_bytes)[len(step_bytes) // 2], "comm_by_kind": by_kind,
+            "work": cp.expected_rank_work()}
+    record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
+    record["dsv"] = model.dsv_stats() if hasattr(model, "dsv_stats") else None
+    saved = activations.saved_activation_bytes(model, lambda: step.compute_loss(eager=True))
+    flop_count = flops.count_flops(lambda: step(eager=True))
+    everyone = _gather({**mine, "saved": saved, "flops": flop_count})
+
+    # a step ends when its slowest rank ends: per step, the max over ranks
+    slowest = [max(r["samples"][i] for r in everyone) for i in range(repeats)]
+    overall = timing.StepTimes(slowest)
+    record.update(overall.as_record_fields())
+    record["warnings"].extend(overall.warnings)
+    record["peak_allocated"], record["peak_reserved"] = _max_or_none(everyone, "peak_allocated"), \
+        _max_or_none(everyone, "peak_reserved")
+    record["nvml_peak_process"] = _max_or_none(everyone, "nvml_peak_process")
+    record["nvml_peak_device"] = sampler.peak_device
+    record["saved_activations"] = max(r["saved"] for r in everyone)
+    record["flops_per_step"] = sum(r["flops"] for r in everyone)
+    peak = flops.device_peak_tflops(device, case.dtype)
+    record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"],
+                                                      peak * world if peak else None)
+    record["comm_bytes"] = max(r["comm_bytes"] for r in everyone)  # median step of the busiest rank
+    record.update(
+        rank_step_ms_median=[r["median"] for r in everyone],
+        rank_peak_allocated=[r["peak_allocated"] for r in everyone],
+        rank_nvml_peak_process=[r["nvml_peak_process"] for r in everyone],
+        rank_saved_activations=[r["saved"] for r in everyone],
+        rank_comm_bytes=[r["comm_bytes"] for r in everyone],
+        comm_bytes_by_kind=everyone[0]["comm_by_kind"],
+        rank_attention_work=everyone[0]["work"],
+    )
+    record["warnings"].append(
+        "context parallel: step_ms_* are per step the slowest rank's; peaks and saved_activations the largest "
+        "rank's; flops_per_step all ranks'; comm_bytes = bytes the busiest rank sends in its median step (exact "
+        "for all-to-all / send / all-gather, all-reduce at the ring volume 2(W-1)/W); rank_* lists per rank")
+    if record["dsv"] is not None:
+        record["warnings"].append("dsv stats describe rank 0's heads (ulysses) or token shard (ring)")
+    record["status"] = "ok"
+    return record
+
+
+def _max_or_none(rows, key):
+    values = [r[key] for r in rows if r[key] is not None]
+    return max(values) if values else None
+
+
+class _RunState:
+    """What rank 0 needs to record a case that fails on some rank."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.case, self.written = path, None, False
+
+    def record_failure(self, message: str, status: str = "error") -> None:
+        if self.path is None or self.case is None or self.written:
+            return
+        self.written = True
+        record = results.new_record(self.case.identity())
+        record.update(world_size=dist.get_world_size() if dist.is_initialized() else None, status=status,
+                      error=message, env=env.collect_env("cpu"))
+        results.append_record(self.path, record)
+
+
+def _is_collective_error(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
+        word in text for word in ("gloo", "nccl", "timed out", "connection", "peer"))
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def run_sweep_distributed(sweep: Sweep, out, args) -> int:
+    """Every rank runs every case of `sweep` together; rank 0 appends the records to OUT/results.jsonl."""
+    if sweep.context_parallel is None:
+        raise UserError("context_parallel: under torchrun (WORLD_SIZE > 1) pass --context-parallel ulysses|ring")
+    if sweep.compile:
+        raise UserError("compile: --compile is not supported with --context-parallel")
+    if getattr(args, "isolate", False) or getattr(args, "trace", False):
+        raise UserError("--isolate and --trace are not supported with --context-parallel")
+    rank, world, _ = init_process_group(sweep.device)
+    out = Path(out)
+    path = out / results.RESULTS_FILE
+    state = _RunState(path if rank == 0 else None)
+    watch = FailureWatch(rank, on_failure=state.record_failure).start()
+    try:
+        setup_error, todo_keys = None, None
+        if rank == 0:
+            try:
+                todo_keys = _prepare_out(sweep, out, args)
+            except UserError as e:
+                setup_error = str(e)
+        setup_error, todo_keys = _broadcast((setup_error, todo_keys))
+        if setup_error:
+            raise UserError(setup_error)
+        todo = [c for c in sweep.cases if results.case_key(_identity(c, world)) in todo_keys]
+        for case in todo:
+            state.case, state.written = case, False
+            slug = results.case_slug(_identity(case, world))
+            try:
+                check_case(case, world)
+            except ValueError as e:  # the same on every rank: record it and go on
+                if rank == 0:
+                    record = results.new_record(case.identity())
+                    record.update(world_size=world, status="error", error=str(e), env=env.collect_env("cpu"))
+                    results.append_record(path, record)
+                    print(f"error {slug}: {e}", file=sys.stderr, flush=True)
+                continue
+            try:
+                record = measure_case(case, repeats=sweep.repeats, warmup=sweep.warmup, rank=rank, world=world)
+            except Exception as e:  # noqa: BLE001 - one rank's failure ends the run on every rank
+                detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[0][:500]
+                traceback.print_exc(file=sys.stderr)
+                cause = watch.peer_failure()
+                if cause is not None:  # our error is the echo of another rank's (a broken collective)
+                    message = f"{cause} [rank {rank} then got: {detail[:200]}]"
+                else:
+                    message = f"rank {rank} failed in case {slug}: {detail}"
+                    if _is_collective_error(e):
+                        message += (f" (no other rank reported an error: one may have died, e.g. killed or out of "
+                                    f"host memory; collectives wait at most STBENCH_DIST_TIMEOUT="
+                                    f"{timeout_seconds():.0f}s)")
+                    watch.publish(message)
+                status = "oom" if _is_oom(e) else "error"
+                _abort(rank, message, lambda m: state.record_failure(m, status),
+                       linger_s=2 * POLL_S + 0.6 if cause is None else 0.0)
+            if rank == 0:
+                results.append_record(path, record)
+                print(f"ok    {slug}: {record['step_ms_median']:.1f} ms/step, {record['comm_bytes']} B sent "
+                      f"per rank per step", file=sys.stderr, flush=True)
+            memory.release_memory()
+        dist.barrier()
+    finally:
+        watch.stop()
+    if rank == 0:
+        print(f"stbench: {len(todo)} case(s) on {world} ranks ({sweep.context_parallel}) -> {path}", file=sys.stderr)
+    dist.destroy_process_group()
+    return 0
+
+
+def _identity(case: Case, world: int) -> dict:
+    return {**results.new_record(case.identity()), "world_size": world}
+
+
+def _broadcast(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _prepare_out(sweep: Sweep, out: Path, args) -> set[str]:
+    """Rank 0: check/create the run folder like a one-process run; the keys of the cases still to measure."""
+    from .runner import _write_run_file  # the run folder's bookkeeping is the runner's
+
+    world = dist.get_world_size()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} exists and is not a folder")
+    path = out / results.RESULTS_FILE
+    done: set[str] = set()
+    if path.exists() and path.stat().st_size:
+        if not getattr(args, "resume", False):
+            raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
+                            f"or choose another --out")
+        done = {results.case_key(r) for r in results.read_records(path)}
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["torchrun", f"--nproc-per-node {world}", "-m", "stbench", *sys.argv[1:]])
+    _write_run_file(out, sweep, command, getattr(args, "resume", False))
+    keys = {results.case_key(_identity(c, world)) for c in sweep.cases}
+    return keys - done

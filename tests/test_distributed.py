@@ -1,0 +1,281 @@
+"""Context parallelism on CPU (gloo, 2 processes): exact equivalence with one process, exact byte counts."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from architectures.attention import context_parallel as cpm
+
+WORLD = 2
+TOL = dict(rtol=1e-9, atol=1e-10)  # fp64 everywhere: a CP step must match one process to rounding
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, fn, out_dir):
+    torch.set_num_threads(1)
+    # a file rendezvous: no TCP port to race for with other test runs on the machine
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, tmp_path, world=WORLD) -> list:
+    """Run `fn(rank, world)` on `world` gloo processes; returns each rank's JSON-able result."""
+    mp.spawn(_worker, args=(world, fn, str(tmp_path)), nprocs=world, join=True)
+    return [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _qkv(seed=0, B=2, H=4, N=32, D=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _local(t, rank, world):
+    return t.chunk(world, dim=2)[rank].detach().clone().requires_grad_(True)
+
+
+def _check_grads(full, local_grads, rank, world):
+    """Local grads must equal the slices of the single-process gradients."""
+    for g_full, g_local in zip(full, local_grads):
+        torch.testing.assert_close(g_local, g_full.chunk(world, dim=2)[rank], **TOL)
+
+
+SIZES = {2: dict(B=2, H=4, N=32, D=8, bs=4), 3: dict(B=1, H=6, N=24, D=8, bs=4)}  # bs: DSV block size
+UNEVEN = {2: [[0, 2, 3], [1]], 3: [[0, 2, 3], [1], [4, 5]]}  # head placements with uneven counts
+
+
+def _attention_functions(rank, world):
+    """Ring, Ulysses (even and uneven, non-contiguous placements) and the DSV sparse exchange vs dense."""
+    B, H, N, D, bs = SIZES[world].values()
+    q, k, v = (t.requires_grad_(True) for t in _qkv(B=B, H=H, N=N, D=D))
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    ref = cpm.dense_reference_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    bytes_seen = {}
+
+    def local_attention(a, b, c, heads):
+        return cpm.dense_reference_attention(a, b, c)
+
+    for name, call in {
+        "ring": lambda ql, kl, vl, c: cpm.ring_attention(ql, kl, vl, counter=c),
+        "ulysses": lambda ql, kl, vl, c: cpm.ulysses_attention(ql, kl, vl, local_attention, counter=c),
+        "ulysses_uneven": lambda ql, kl, vl, c: cpm.ulysses_attention(ql, kl, vl, local_attention,
+                                                                       placement=UNEVEN[world], counter=c),
+    }.items():
+        counter = cpm.CommCounter()
+        ql, kl, vl = (_local(t, rank, world) for t in (q, k, v))
+        out = call(ql, kl, vl, counter)
+        torch.testing.assert_close(out, ref.chunk(world, dim=2)[rank], **TOL)
+        out.backward(dout.chunk(world, dim=2)[rank])
+        _check_grads(ref_grads, (ql.grad, kl.grad, vl.grad), rank, world)
+        bytes_seen[name] = counter.total
+
+    # DSV sparse exchange: random block selections, top-2 for the first half of the heads, top-3 for the rest
+    nq = nkv = N // bs
+    scores = torch.rand(B, H, nq, nkv, generator=g)
+    topk = torch.tensor([2] * (H // 2) + [3] * (H - H // 2))
+    mask = torch.zeros(B, H, nq, nkv, dtype=torch.bool)
+    for h in range(H):
+        mask[:, h].scatter_(-1, scores[:, h].topk(int(topk[h]), -1).indices, True)
+    ref = cpm.dense_reference_attention(q, k, v, mask, bs)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    counter = cpm.CommCounter()
+    ql, kl, vl = (_local(t, rank, world) for t in (q, k, v))
+    local_mask = mask.chunk(world, dim=2)[rank]
+    k_full, v_full = cpm.sparse_kv_exchange(kl, vl, local_mask, bs, counter=counter)
+    out = cpm.rect_block_sparse_attention(ql, k_full, v_full, local_mask, bs, D ** -0.5)
+    torch.testing.assert_close(out, ref.chunk(world, dim=2)[rank], **TOL)
+    out.backward(dout.chunk(world, dim=2)[rank])
+    _check_grads(ref_grads, (ql.grad, kl.grad, vl.grad), rank, world)
+    bytes_seen["sparse"] = counter.total
+
+    # exact sends: forward the blocks of my shard that other ranks' queries selected, backward the gradients
+    # of the blocks I received; plus the need bitmaps (one bool byte per (b, h, kv block)) to each other rank
+    def needs(requester, owner):
+        return int(mask.chunk(world, dim=2)[requester].any(dim=2).view(B, H, world, -1)[:, :, owner].sum())
+    others = [r for r in range(world) if r != rank]
+    blocks_moved = sum(needs(o, rank) + needs(rank, o) for o in others)
+    bytes_seen["sparse_expected"] = blocks_moved * 2 * bs * D * 8 + B * H * nkv * (world - 1)
+    return bytes_seen
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_attention_functions_match_dense_and_count_bytes(world, tmp_path):
+    B, H, N, D, _ = SIZES[world].values()
+    results = run_ranks(_attention_functions, tmp_path, world=world)
+    head_shard = B * (N // world) * D * 8  # one head's local (B, n, D) in fp64
+    for rank, seen in enumerate(results):
+        for mode in ("ring", "ulysses"):
+            assert seen[mode] == cpm.analytic_bytes(mode, batch=B, heads=H, tokens=N, head_dim=D, world=world,
+                                                    element_size=8), (mode, rank)
+        # uneven placement: rank r sends q/k/v of the other ranks' heads (H - c_r) and its own heads' outputs
+        # for the other ranks' tokens (c_r (W-1)); backward mirrors both
+        mine = len(UNEVEN[world][rank])
+        assert seen["ulysses_uneven"] == 4 * ((H - mine) + mine * (world - 1)) * head_shard, rank
+        assert seen["sparse"] == seen["sparse_expected"]
+        assert seen["sparse"] < seen["ring"]  # same sequence length: only the selected blocks move
+
+
+MODEL_TOL = dict(rtol=1e-5, atol=1e-7)  # fp64 model; the MSE and DSV's estimator loss are computed in fp32
+DSV_SET = dict(block_size=16, sparsity=0.5, dense_steps=1)  # 128 tokens: 4 blocks per rank; step 2 is sparse
+# 4 heads with a planted uneven profile for the sparse step: heads 0 and 3 sparse (top-1 / top-2 of 8 blocks),
+# so head placement is uneven and non-contiguous and per-head top-k differ
+DSV_UNEVEN = dict(block_size=16, dense_steps=1, heads=4, head_dim=16)
+PLANTED = [0.9, 0.0, 0.0, 0.8]
+
+
+def _model_equivalence(mode, rank, world, frames=8, configs=None):
+    """Two training steps of a CP model and of a one-process copy, side by side on every rank."""
+    import copy
+
+    import architectures
+    from architectures.attention.context_parallel import make_context_parallel
+
+    summary = {}
+    for arch, overrides in configs or (("dit-full", {}), ("dit-dsv", DSV_SET), ("dit-dsv", DSV_UNEVEN)):
+        torch.manual_seed(0)
+        model = architectures.build(arch, "tiny", **overrides).double().set_training_mode("full")
+        batch = model.make_batch(1, frames, 64, 64, dtype=torch.float64, seed=3)
+        reference = copy.deepcopy(model)
+        cp = make_context_parallel(mode).attach(model)
+        for step in range(2):  # dit-dsv: step 0 dense + profiling, step 1 block-sparse
+            for m in (model, reference):
+                m.zero_grad(set_to_none=True)
+                if step == 1 and overrides is DSV_UNEVEN:
+                    for layer in m.dsv_layers():
+                        layer.profiled_sparsity.copy_(torch.tensor(PLANTED))
+            torch.manual_seed(10 + step)
+            ref_loss = reference.loss(batch)
+            ref_loss.backward()
+            torch.manual_seed(10 + step)
+            cp.counter.reset()
+            loss = model.loss(batch)
+            loss.backward()
+            cp.sync_gradients(model.parameters())
+            torch.testing.assert_close(loss, ref_loss, **MODEL_TOL)
+            for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(p.grad, p_ref.grad, **MODEL_TOL, msg=lambda m: f"{arch} {name}: {m}")
+            for a, b in zip(model.dsv_layers(), reference.dsv_layers()):
+                torch.testing.assert_close(a.profiled_sparsity, b.profiled_sparsity, **MODEL_TOL)
+            summary[f"{arch}/{step}"] = dict(cp.counter.bytes_by_kind)
+        if overrides is DSV_SET:
+            summary["sparse_heads"] = [int(m.sparse_heads(8).sum()) for m in model.dsv_layers()]
+        if overrides is DSV_UNEVEN:
+            summary["uneven_sparse_heads"] = [m.sparse_heads(8).tolist() for m in model.dsv_layers()]
+            summary["uneven_work"] = cp.expected_rank_work()
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_context_parallel_step_equals_single_process(mode, tmp_path):
+    results = run_ranks(functools.partial(_model_equivalence, mode), tmp_path)
+    assert results[0]["sparse_heads"] == [2, 2]  # the second step really ran block-sparse
+    assert results[0]["uneven_sparse_heads"] == [[True, False, False, True]] * 2
+    # expected per-rank work (2 layers): ulysses places heads by LPT: {1, 3} and {0, 2} -> 1.25 and 1.125
+    # dense-equivalent heads per layer; ring splits every head's queries evenly
+    expected = [2.5, 2.25] if mode == "ulysses" else [(0.125 + 1 + 1 + 0.25)] * 2
+    assert results[0]["uneven_work"] == pytest.approx(expected)
+    # dit-full tiny: 2 layers, 2 heads of 32, hidden 64, 128 tokens, fp64: every byte accounted for
+    import architectures
+    model = architectures.build("dit-full", "tiny")
+    grads = sum(p.numel() for p in model.parameters()) * 8
+    for sent in results:
+        assert sent["dit-full/1"] == {
+            "attention": 2 * cpm.analytic_bytes(mode, batch=1, heads=2, tokens=128, head_dim=32, world=WORLD,
+                                                element_size=8),
+            "tokens": (WORLD - 1) * 1 * (128 // WORLD) * 64 * 8,
+            "grad_sync": grads * 2 * (WORLD - 1) // WORLD}
+
+
+@pytest.mark.slow
+def test_ulysses_with_a_rank_holding_no_heads(tmp_path):
+    """3 ranks, 2 heads: one rank holds no head yet joins every collective (forward and backward)."""
+    results = run_ranks(functools.partial(_model_equivalence_kw, "ulysses", 6), tmp_path, world=3)
+    assert all(r["sparse_heads"] == [2, 2] for r in results)
+
+
+def _model_equivalence_kw(mode, frames, rank, world):  # 6 frames: 96 tokens, 2 DSV blocks per rank
+    return _model_equivalence(mode, rank, world, frames=frames,
+                              configs=(("dit-full", {}), ("dit-dsv", DSV_SET)))
+
+
+def _launch_ranks(tmp_path, extra_env, world=WORLD, timeout=90):
+    """`python -m stbench run --context-parallel ulysses` on `world` processes wired as torchrun would."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra_env}
+        cmd = [sys.executable, "-m", "stbench", "run", "--arch", "dit-full", "--device", "cpu", "--repeats", "2",
+               "--context-parallel", "ulysses", "--no-progress", "--out", str(tmp_path / "run")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    start = time.monotonic()
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [err for _, err in outputs], time.monotonic() - start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["raise", "exit", "hang"])
+def test_failed_rank_ends_the_run_on_every_rank(how, tmp_path):
+    """Rank 1 raises (its error reaches every rank through the store), dies silently (rank 0's collective
+    fails: closed connection) or hangs (rank 0's collective times out after STBENCH_DIST_TIMEOUT, and its
+    error ends rank 1): every process exits non-zero with a clear line, none hangs."""
+    timeout_s = 6
+    codes, errs, elapsed = _launch_ranks(tmp_path, {"STBENCH_DIST_FAIL_RANK": f"1:{how}",
+                                                    "STBENCH_DIST_TIMEOUT": str(timeout_s)})
+    assert all(code != 0 for code in codes), (codes, errs)
+    assert elapsed < 60
+    if how == "raise":
+        for err in errs:  # every rank names the failing rank, the case and the error
+            assert "stbench: error: rank 1 failed in case dit-full-tiny" in err and "injected failure" in err, err
+    elif how == "exit":
+        assert "stbench: error: rank 0 failed in case dit-full-tiny" in errs[0]
+        assert "one may have died" in errs[0]
+    else:
+        for err in errs:
+            assert "stbench: error: rank 0 failed in case dit-full-tiny" in err, err
+    from stbench import results
+    records = results.read_records(tmp_path / "run")
+    assert len(records) == 1 and records[0]["status"] == "error" and records[0]["world_size"] == WORLD
+    assert "failed in case" in records[0]["error"]
+
+
+def test_lpt_head_placement_beats_round_robin_on_uneven_sparsity():
+    """A DSV layer with a planted profile: dense heads 0, 1 and 6, the others 90% sparse."""
+    from architectures.attention.dsv import DSVAttention
+
+    attn = DSVAttention(64, 8, 8, block_size=16)
+    attn.profiled_sparsity.copy_(torch.tensor([0.0, 0.0, 0.9, 0.9, 0.9, 0.9, 0.0, 0.9]))
+    attn.profile_updates += 1
+    attn.sparse_active = True
+    work = cpm.dsv_head_work(attn, tokens=160)  # 10 kv blocks: sparse heads keep 1 -> work 0.1
+    assert work == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.1, 0.1, 1.0, 0.1])
+    balanced = cpm.balance_heads(work, 2)
+    round_robin = cpm.round_robin_heads(8, 2)
+    assert sorted(h for heads in balanced for h in heads) == list(range(8))
+    assert max(cpm.rank_work(round_robin, work)) == pytest.approx(2.2)  # heads 0, 2, 4, 6
+    assert max(cpm.rank_work(balanced, work)) == pytest.approx(2.0)  # two dense heads vs one + five sparse
+    assert max(cpm.rank_work(balanced, work)) < max(cpm.rank_work(round_robin, work))
+    # equal work: LPT is an even split
+    assert [len(h) for h in cpm.balance_heads([1.0] * 6, 3)] == [2, 2, 2]
