@@ -44,7 +44,10 @@ def parse_override_value(config_cls: type, key: str, text: str):
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple:
         kind = args[0] if args else str
-        return tuple(_parse_scalar(part.strip(), kind, key) for part in text.split(",") if part.strip())
+        try:
+            return tuple(_parse_scalar(part.strip(), kind, key) for part in text.split(",") if part.strip())
+        except UserError:  # name the whole value, not just the bad element
+            raise UserError(f"--set {key}={text}: expected comma-separated {kind.__name__} values") from None
     return _parse_scalar(text, hint if hint in (int, float, bool, str) else str, key)
 
 

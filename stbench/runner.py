@@ -1,10 +1,401 @@
-"""(being written)"""
+"""`python -m stbench run`: measure a sweep case by case, appending one result record per case."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+import architectures
+
+from . import results
+from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
+from .measure import activations, env, flops, memory, nvml, timing
+
+COMPILE_WARMUP = 3  # compilation (and recompilation on the second call) must finish before timing
+ERROR_TAIL_LINES = 25
+ERROR_TAIL_CHARS = 4000
+RUN_FILE = "run.json"
+INTERRUPTED = 130  # exit code of a child stopped by Ctrl-C
 
 
-def add_arguments(parser):
-    pass
+# --- one case -------------------------------------------------------------------------------------
+
+def _tail(text: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHARS) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])[-chars:]
 
 
-def execute(args):
-    raise UserError("'runner' is not built yet")
+def _is_oom(error: BaseException | None) -> bool:
+    """Out of memory, also when wrapped (torch.compile re-raises errors from inside its backends)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        # the CPU allocator reports exhaustion as a plain RuntimeError
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _optional(record: dict, what: str, fn):
+    """Run a secondary measurement; a failure becomes a warning (and None), never a failed case."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the case's main figures are already measured
+        record["warnings"].append(f"{what}: not measured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        memory.release_memory()
+        return None
+
+
+def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Path | None) -> None:
+    from .step import TrainingStep  # noqa: local so `--help` stays fast
+
+    device = torch.device(case.device)
+    warnings = record["warnings"]
+    if device.type == "cuda":
+        torch.empty(1, device=device)  # CUDA creates its context lazily: make it exist before reading it
+        torch.cuda.synchronize(device)
+        memory.release_memory()
+        context = nvml.context_baseline_bytes(device)
+        if context is not None:
+            record["env"]["cuda_context_bytes"] = context
+            warnings.append(f"nvml: the CUDA context and libraries held {context / 2**20:.0f} MiB before the "
+                            f"model was built (included in nvml_peak_process)")
+
+    step = TrainingStep(case)
+    model = step.model
+    record["params_total"] = sum(p.numel() for p in model.parameters())
+    record["params_trainable"] = sum(p.numel() for p in step.trainable)
+    record["param_bytes"] = memory.param_bytes(model)
+    record["grad_bytes"] = memory.grad_bytes(step.trainable)
+
+    timing.warm_up(step, warmup, device)
+    memory.reset_peaks(device)
+    with nvml.NvmlSampler(device) as sampler:
+        times = timing.time_steps(step, repeats, device)
+    record.update(times.as_record_fields())
+    warnings.extend(times.warnings)
+    record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)
+    record["nvml_peak_process"], record["nvml_peak_device"] = sampler.peak_process, sampler.peak_device
+    if sampler.available and sampler.peak_process is None:
+        warnings.append("nvml: no per-process memory reported for this pid (container pid namespace?)")
+    record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
+
+    if hasattr(model, "dsv_stats"):
+        record["dsv"] = _optional(record, "dsv stats", model.dsv_stats)
+
+    if trace_dir is not None:
+        try:
+            from .trace import profile_training_steps
+        except ImportError as e:
+            warnings.append(f"trace: not written (stbench.trace unavailable: {e})")
+        else:
+            folder = Path(trace_dir) / results.case_slug(record)
+            if _optional(record, "trace", lambda: profile_training_steps(step, folder, device=case.device)):
+                record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
+
+    # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.
+    if case.compile:
+        warnings.append("saved_activations and flops_per_step are counted on the eager (uncompiled) step")
+    record["saved_activations"] = _optional(record, "saved activations", lambda: activations.saved_activation_bytes(
+        model, lambda: step.compute_loss(eager=True)))
+    record["flops_per_step"] = _optional(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
+    peak = flops.device_peak_tflops(device, case.dtype)
+    record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"], peak)
+    record["status"] = "ok"
+
+
+def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None) -> dict:
+    """Measure one case with a fresh model; a complete record, never an exception for OOM or a model error."""
+    record = results.new_record(case.identity())
+    try:
+        record["env"] = env.collect_env(case.device)
+    except Exception:  # noqa: BLE001 - e.g. no such CUDA device: the case itself reports the error
+        record["env"] = env.collect_env("cpu")
+    if case.compile or (case.device.startswith("cuda") and torch.backends.cudnn.benchmark):
+        warmup = max(warmup, COMPILE_WARMUP)
+    record["warmup"] = warmup
+    if warmup < 2:
+        record["warnings"].append(f"warm-up of {warmup} step(s): first steps pay allocation and autotuning")
+    try:
+        # CUDA events and streams belong to the current device: make it the case's device
+        with torch.cuda.device(case.device) if case.device.startswith("cuda") else contextlib.nullcontext():
+            _measure(case, record, repeats, warmup, trace_dir)
+    except Exception as e:  # noqa: BLE001 - a failed case is a result; KeyboardInterrupt still stops the sweep
+        if _is_oom(e):
+            record["status"] = "oom"
+            record["error"] = _tail(str(e), lines=3, chars=600)
+        else:
+            record["status"] = "error"
+            record["error"] = _tail(traceback.format_exc())
+    finally:
+        memory.release_memory()  # the exception (and its frames holding the model) is gone by now
+    return record
+
+
+# --- one case in a child process --------------------------------------------------------------------
+
+def _plugin_modules(case: Case) -> list[tuple[str, str]]:
+    """Modules outside `architectures` that registered the case's architecture (re-imported in the child)."""
+    module = architectures.get(case.arch).build.__module__
+    if module.split(".")[0] == "architectures":
+        return []
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return [(module, file)] if file else []
+
+
+def _load_plugins(plugins: list) -> None:
+    for module, file in plugins:
+        if module == "__main__":  # a user's script: load it under another name so its main block stays idle
+            module = "__stbench_plugin_main__"
+        else:
+            try:
+                importlib.import_module(module)
+                continue
+            except ImportError:
+                pass
+        if module not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module, file)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[module] = mod
+            spec.loader.exec_module(mod)
+
+
+def _case_to_json(case: Case) -> dict:
+    fields = dataclasses.asdict(case)
+    fields["overrides"] = [list(pair) for pair in case.overrides]
+    return fields
+
+
+def _case_from_json(fields: dict) -> Case:
+    return Case(**{**fields, "overrides": tuple(tuple(pair) for pair in fields["overrides"])})
+
+
+def _signal_name(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run_case_isolated(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None) -> dict:
+    """`run_case` in a child process: a crash (segfault, os._exit, killed for memory) becomes status 'error'."""
+    with tempfile.TemporaryDirectory(prefix="stbench-case-") as tmp:
+        job, result, log = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "child.log")
+        job.write_text(json.dumps({"case": _case_to_json(case), "repeats": repeats, "warmup": warmup,
+                                   "trace_dir": str(trace_dir) if trace_dir else None, "result": str(result),
+                                   "plugins": _plugin_modules(case)}))
+        with open(log, "wb") as out:
+            child = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "stbench.runner", "--child",
+                                      str(job)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                code = child.wait()
+            except BaseException:  # Ctrl-C: take the child down with us
+                child.kill()
+                child.wait()
+                raise
+        if code in (INTERRUPTED, -signal.SIGINT):  # Ctrl-C reached the child first: not a result
+            raise KeyboardInterrupt
+        if code == 0 and result.exists():
+            return json.loads(result.read_text())
+        record = results.new_record(case.identity())
+        record["env"] = env.collect_env("cpu")  # not case.device: a CUDA context here would cost every child
+        record["warmup"] = warmup
+        record["status"] = "error"
+        output = log.read_text(errors="replace")
+        hint = " (the system may have run out of memory)" if code == -signal.SIGKILL else ""
+        record["error"] = _tail(f"child process died ({_signal_name(code)}){hint}\n{_tail(output)}")
+        return record
+
+
+def _child_main(job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    _load_plugins(job["plugins"])
+    case = _case_from_json(job["case"])
+    trace_dir = Path(job["trace_dir"]) if job["trace_dir"] else None
+    try:
+        record = run_case(case, repeats=job["repeats"], warmup=job["warmup"], trace_dir=trace_dir)
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reaches the whole process group
+        return INTERRUPTED
+    tmp = Path(job["result"] + ".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    os.replace(tmp, job["result"])
+    return 0
+
+
+# --- a sweep ----------------------------------------------------------------------------------------
+
+def sweep_settings(sweep: Sweep) -> dict:
+    settings = {f.name: getattr(sweep, f.name) for f in dataclasses.fields(sweep) if f.name != "cases"}
+    settings["overrides"] = dict(sweep.overrides)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def _write_run_file(out: Path, sweep: Sweep, command: str, resume: bool) -> None:
+    path = out / RUN_FILE
+    info = {}
+    if resume and path.exists():
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            info = {}
+    info.setdefault("command", command)
+    info["invocations"] = info.get("invocations", []) + [{"command": command, "time": env.utc_now()}]
+    info["sweep"] = sweep_settings(sweep)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _figures(record: dict) -> str:
+    if record["status"] != "ok":
+        return record["status"]
+    text = f"{record['step_ms_median']:.1f} ms"
+    if record["peak_allocated"] is not None:
+        text += f", peak {_bytes(record['peak_allocated'])}"
+    if record["saved_activations"] is not None:
+        text += f", activations {_bytes(record['saved_activations'])}"
+    return text
+
+
+def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = False, trace: bool = False,
+              progress: bool = True, command: str | None = None) -> list[dict]:
+    """Run every case of `sweep` not yet in `out/results.jsonl`; each record is appended as it finishes.
+
+    Returns the records measured by this call (not those skipped on resume).
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} exists and is not a folder")
+    path = out / results.RESULTS_FILE
+    done: set[str] = set()
+    if path.exists():
+        if not resume:
+            if path.stat().st_size:
+                raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
+                                f"or choose another --out")
+        else:
+            done = {results.case_key(r) for r in results.read_records(path)}
+    out.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = shlex.join(["python", "-m", "stbench", *sys.argv[1:]])
+    _write_run_file(out, sweep, command, resume)
+
+    todo = [c for c in sweep.cases if results.case_key(results.new_record(c.identity())) not in done]
+    measure = run_case_isolated if isolate else run_case
+    trace_dir = out / "traces" if trace else None
+    measured = []
+    with tqdm(total=len(sweep.cases), initial=len(sweep.cases) - len(todo), disable=not progress,
+              unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
+        for case in todo:
+            slug = results.case_slug(results.new_record(case.identity()))
+            bar.set_description(slug)
+            record = measure(case, repeats=sweep.repeats, warmup=sweep.warmup, trace_dir=trace_dir)
+            results.append_record(path, record)
+            measured.append(record)
+            bar.set_postfix_str(f"last: {_figures(record)}")
+            bar.update(1)
+            if not progress:
+                print(f"{record['status']:5s} {slug}: {_figures(record)}", flush=True)
+    return measured
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise UserError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    return tuple(values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="comma-separated architectures (see `stbench inspect`)")
+    parser.add_argument("--preset", default="tiny", help="size preset: tiny (default), small, or the full-size preset")
+    parser.add_argument("--resolution", default="64", help="comma-separated square sizes in pixels, multiples of 8 (default 64)")
+    parser.add_argument("--frames", default="8", help="comma-separated frame counts (default 8)")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES,
+                        help="temporal: spatial layers frozen (video fine-tuning); full: everything trains")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
+    parser.add_argument("--repeats", type=int, default=5, help="measured steps per case (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (>= 2; more with --compile)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field (repeatable); recorded in the results")
+    parser.add_argument("--trace", action="store_true", help="also write a torch.profiler trace per case")
+    parser.add_argument("--isolate", action="store_true", help="run each case in a child process")
+    parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/run-<UTC time>)")
+    parser.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default=None,
+                        help="sequence parallelism across torchrun processes (dit-* architectures)")
+    parser.add_argument("--no-progress", action="store_true", help="one line per case instead of a progress bar")
+
+
+def sweep_from_args(args: argparse.Namespace) -> Sweep:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {device!r} is not available on this machine (no CUDA device); legal: cpu")
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device: {device!r} does not exist; legal: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
+    return Sweep(archs=archs, resolutions=_int_list(args.resolution, "resolution"),
+                 frames=_int_list(args.frames, "frames"), batches=_int_list(args.batch, "batch"),
+                 preset=args.preset, mode=args.mode, dtype=dtype, device=device, compile=args.compile,
+                 overrides=parse_set_options(args.set), context_parallel=args.context_parallel,
+                 repeats=args.repeats, warmup=args.warmup)
+
+
+def execute(args: argparse.Namespace) -> int:
+    sweep = sweep_from_args(args)
+    out = Path(args.out or f"runs/run-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import run_sweep_distributed
+
+        status = run_sweep_distributed(sweep, out, args)
+        return status if isinstance(status, int) else 0
+    argv = getattr(args, "argv", None)
+    command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
+    records = run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, trace=args.trace,
+                        progress=not args.no_progress, command=command)
+    failed = sum(r["status"] != "ok" for r in records)
+    print(f"stbench: {len(records)} case(s) measured ({failed} not ok) -> {out / results.RESULTS_FILE}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
+    sys.exit(_child_main(sys.argv[2]))

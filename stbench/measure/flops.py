@@ -1,0 +1,61 @@
+"""FLOPs of one training step (torch.utils.flop_counter) and MFU against a per-device dense peak table."""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' datasheets: (name pattern, bf16/fp16 tensor core,
+# fp32 without TF32). First match wins, so specific names come before general ones. fp16 uses the bf16 column.
+PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    (r"H200 NVL", 835.5, 60.0),
+    (r"H200", 989.4, 66.9),
+    (r"H100 NVL", 835.5, 60.0),
+    (r"H100.*PCIe", 756.5, 51.2),
+    (r"H100", 989.4, 66.9),  # SXM5 (get_device_name: "NVIDIA H100 80GB HBM3")
+    (r"GH200", 989.4, 66.9),
+    (r"A100", 312.0, 19.5),
+    (r"L40S", 362.05, 91.6),
+    (r"L40\b", 181.05, 90.5),
+    (r"\bL4\b", 121.0, 30.3),
+    (r"A10G", 70.0, 31.2),  # AWS's A10G: vendor figure as published for g5 instances
+    (r"\bA10\b", 125.0, 31.2),
+    (r"RTX 6000 Ada", 364.2, 91.1),
+    (r"RTX 4090", 165.2, 82.6),  # fp32 accumulate
+    (r"RTX 3090", 71.0, 35.6),
+)
+
+
+def peak_tflops(device_name: str | None, dtype: str) -> float | None:
+    """Dense peak TFLOP/s of a device for a case dtype ('bf16', 'fp16', 'fp32'); None if unknown."""
+    if not device_name:
+        return None
+    for pattern, half, single in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return single if dtype == "fp32" else half
+    return None
+
+
+def device_peak_tflops(device: str | torch.device, dtype: str) -> float | None:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_tflops(torch.cuda.get_device_name(device), dtype)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the matmul/conv/attention ops that `fn()` runs (forward and backward alike)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def throughput(flops: int | None, median_ms: float | None, peak: float | None) -> tuple[float | None, float | None]:
+    """(achieved TFLOP/s, model FLOPs utilisation) from the FLOPs of a step and its median time."""
+    if not flops or not median_ms:
+        return None, None
+    tflops = flops / (median_ms / 1e3) / 1e12
+    return tflops, (tflops / peak if peak else None)

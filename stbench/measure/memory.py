@@ -1,0 +1,62 @@
+"""Exact byte accounting: parameters, gradients, optimizer state; torch allocator peaks on CUDA."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by the storages of `tensors`; a storage shared by several tensors counts once."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """All parameters (frozen ones are held in memory too)."""
+    return tensor_bytes(model.parameters())
+
+
+def grad_bytes(trainable: Iterable[torch.nn.Parameter]) -> int:
+    """Gradients of the trainable parameters: autograd gives each a gradient of its own shape and dtype."""
+    return sum(p.numel() * p.element_size() for p in trainable)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Every tensor in the optimizer state (AdamW: exp_avg, exp_avg_sq, step), counted after a step."""
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor))
+
+
+def reset_peaks(device: str | torch.device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocator_peaks(device: str | torch.device) -> tuple[int | None, int | None]:
+    """(peak allocated, peak reserved) bytes since the last reset; (None, None) off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
+def release_memory() -> None:
+    """Give cached blocks back after a case (and after an OOM) so the next case starts clean."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -1,0 +1,70 @@
+"""One training step of a fresh model on a fixed synthetic batch: the unit that stbench measures."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.profiler import record_function
+
+from .config import Case
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingStep:
+    """Model + AdamW + one fixed batch; calling it runs forward, loss, backward, optimizer step, zero_grad.
+
+    Weights stay fp32 (mixed precision through autocast, as real training does; fp16 runs without a
+    GradScaler, whose few elementwise kernels are left out); the batch is made once, so a step measures
+    the model and optimizer, not data generation.
+    """
+
+    def __init__(self, case: Case, *, seed: int = 0, lr: float = 1e-4):
+        self.case = case
+        self.device = torch.device(case.device)
+        torch.manual_seed(seed)
+        self.model = case.build_model(self.device)
+        self.model.set_training_mode(case.mode)
+        self.model.train()
+        self.trainable = self.model.trainable_parameters()
+        if not self.trainable:
+            raise ValueError(f"{case.arch} has no trainable parameters in mode {case.mode!r}")
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=lr)
+        self.batch = self.model.make_batch(case.batch, case.frames, case.resolution, case.resolution,
+                                           device=self.device, seed=seed)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(case.dtype)
+        # torch.compile traces the whole forward + loss; AOTAutograd compiles its backward too.
+        self.loss_fn = torch.compile(self.model.loss) if case.compile else self.model.loss
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def compute_loss(self, *, eager: bool = False) -> torch.Tensor:
+        """Forward + loss on the step's batch (eager skips torch.compile, e.g. for counting hooks)."""
+        with self.autocast():
+            return (self.model.loss if eager else self.loss_fn)(self.batch)
+
+    def forward_backward(self, *, eager: bool = False) -> torch.Tensor:
+        # named regions for traces (stbench.trace); each costs one profiler range, nothing when not profiling
+        with record_function("forward"):
+            loss = self.compute_loss(eager=eager)
+        with record_function("backward"):
+            loss.backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        with record_function("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, *, eager: bool = False) -> torch.Tensor:
+        loss = self.forward_backward(eager=eager)
+        self.optimizer_step()
+        self.synchronize()
+        return loss

@@ -1,0 +1,146 @@
+"""The runner: complete records, OOM and errors as results, child-process isolation, resume, run.json."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import architectures
+
+from conftest import TOY_ARCH, ToyVideoModel
+from stbench import results, runner
+from stbench.config import Sweep
+from stbench.errors import UserError
+
+
+def _sweep(**fields) -> Sweep:
+    return Sweep(**{"archs": (TOY_ARCH,), "resolutions": (16,), "frames": (2,), "repeats": 3, **fields})
+
+
+def test_run_case_fills_every_field(toy_case):
+    record = runner.run_case(toy_case(), repeats=4, warmup=2)
+    assert set(results.RECORD_FIELDS) <= set(record)
+    assert record["status"] == "ok" and record["error"] is None
+    assert len(record["step_ms_samples"]) == 4 and record["warmup"] == 2
+    assert record["step_ms_min"] <= record["step_ms_p10"] <= record["step_ms_median"] <= record["step_ms_p90"]
+    for name in ("saved_activations", "param_bytes", "grad_bytes", "optimizer_bytes", "params_total",
+                 "params_trainable", "flops_per_step"):
+        assert isinstance(record[name], int) and record[name] > 0, name
+    assert record["peak_allocated"] is None and record["mfu"] is None  # CPU
+    assert record["tflops"] > 0 and record["env"]["cpu_threads"] >= 1
+    assert record["dsv"] is None
+    json.dumps(record)  # a record is plain JSON
+
+
+def test_compile_adds_warmup(toy_case, monkeypatch):
+    monkeypatch.setattr(runner, "_measure", lambda case, record, repeats, warmup, trace_dir: None)
+    assert runner.run_case(toy_case(compile=True), warmup=2)["warmup"] == runner.COMPILE_WARMUP
+
+
+def test_oom_is_a_result_and_the_next_case_runs(tmp_path):
+    sweep = _sweep(batches=(1, 2), overrides=(("fail", "oom"), ("fail_batch", "1")))
+    records = runner.run_sweep(sweep, tmp_path, progress=False)
+    assert [r["status"] for r in records] == ["oom", "ok"]
+    assert "out of memory" in records[0]["error"] and records[0]["step_ms_median"] is None
+    assert [r["status"] for r in results.read_records(tmp_path)] == ["oom", "ok"]
+
+
+def test_model_error_keeps_the_traceback_tail(toy_case):
+    record = runner.run_case(toy_case(overrides=(("fail", "error"),)))
+    assert record["status"] == "error"
+    assert record["error"].splitlines()[-1] == "RuntimeError: injected model error"
+    assert "in _inject_fault" in record["error"]  # the frames, not just the message
+
+
+def test_dsv_stats_go_into_the_record(toy_case, monkeypatch):
+    monkeypatch.setattr(ToyVideoModel, "dsv_stats", lambda self: {"sparse_head_fraction": 0.5}, raising=False)
+    assert runner.run_case(toy_case(), repeats=2)["dsv"] == {"sparse_head_fraction": 0.5}
+
+
+def test_trace_hook_writes_per_case_folder(toy_case, tmp_path, monkeypatch):
+    import stbench.trace
+
+    seen = {}
+
+    def fake_profile(step_fn, out_dir, *, device, wait=1, warmup=1, active=3):
+        step_fn()
+        seen.update(out_dir=out_dir, device=device)
+        return {"regions": {}}
+
+    monkeypatch.setattr(stbench.trace, "profile_training_steps", fake_profile)
+    record = runner.run_case(toy_case(), repeats=2, trace_dir=tmp_path)
+    assert record["status"] == "ok"
+    assert seen == {"out_dir": tmp_path / results.case_slug(record), "device": "cpu"}
+    assert record["trace"] == str(tmp_path / results.case_slug(record))
+
+
+@pytest.mark.slow
+def test_isolated_crashes_become_errors_and_the_sweep_goes_on(tmp_path):
+    sweep = _sweep(batches=(1, 2), overrides=(("fail", "segfault"), ("fail_batch", "1")), repeats=2)
+    records = runner.run_sweep(sweep, tmp_path, isolate=True, progress=False)
+    assert [r["status"] for r in records] == ["error", "ok"]
+    assert "SIGSEGV" in records[0]["error"] and "Fatal Python error" in records[0]["error"]
+    exit_sweep = _sweep(overrides=(("fail", "exit"),), repeats=2)
+    [record] = runner.run_sweep(exit_sweep, tmp_path / "exit", isolate=True, progress=False)
+    assert record["status"] == "error"
+    assert "exit code 3" in record["error"] and "os._exit(3)" in record["error"]
+    assert len(results.read_records(tmp_path)) == 2
+
+
+def test_resume_skips_recorded_cases_and_appends_invocations(tmp_path):
+    first = runner.run_sweep(_sweep(batches=(1,)), tmp_path, progress=False, command="python -m stbench run A")
+    assert len(first) == 1
+    with pytest.raises(UserError, match="--resume"):
+        runner.run_sweep(_sweep(batches=(1, 2)), tmp_path, progress=False)
+    second = runner.run_sweep(_sweep(batches=(1, 2)), tmp_path, resume=True, progress=False,
+                              command="python -m stbench run B --resume")
+    assert [r["batch"] for r in second] == [2]
+    assert [r["batch"] for r in results.read_records(tmp_path)] == [1, 2]
+    info = json.loads((tmp_path / runner.RUN_FILE).read_text())
+    assert info["command"] == "python -m stbench run A"
+    assert [i["command"] for i in info["invocations"]] == ["python -m stbench run A",
+                                                           "python -m stbench run B --resume"]
+    assert info["sweep"]["batches"] == [1, 2] and info["sweep"]["archs"] == [TOY_ARCH]
+
+
+def test_resume_counts_failed_cases_as_done(tmp_path):
+    sweep = _sweep(overrides=(("fail", "error"),))
+    runner.run_sweep(sweep, tmp_path, progress=False)
+    assert runner.run_sweep(sweep, tmp_path, resume=True, progress=False) == []
+
+
+def test_oom_is_recognised_when_wrapped():
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend compiler failed") from inner
+    except RuntimeError as outer:
+        assert runner._is_oom(outer)
+    assert runner._is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not runner._is_oom(ValueError("shape mismatch"))
+
+
+def test_isolated_child_stopped_by_ctrl_c_is_not_recorded(toy_case, monkeypatch):
+    class Interrupted:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self):
+            return runner.INTERRUPTED
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_case_isolated(toy_case())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("dit-dsv" not in architectures.names(), reason="dit-dsv not registered")
+def test_real_dsv_model_reports_its_sparsity():
+    from stbench.config import Case
+
+    record = runner.run_case(Case("dit-dsv", frames=2, resolution=32, mode="full"), repeats=2)
+    assert record["status"] == "ok", record["error"]
+    assert {"layer_sparsity", "estimator_recall", "sparse_head_fraction", "rel_error"} <= set(record["dsv"])
+    assert record["saved_activations"] > 0 and record["flops_per_step"] > 0
