@@ -10,6 +10,7 @@ from .errors import UserError
 COMMANDS = {
     "run": ("stbench.runner", "measure a sweep of training steps and append results"),
     "gate": ("stbench.gate", "compare a run against a baseline; exit 1 on a regression"),
+    "report": ("stbench.report", "render the self-contained HTML report of a run"),
     "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
     "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
 }

@@ -62,7 +62,7 @@ def _optional(record: dict, what: str, fn):
         return None
 
 
-def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Path | None) -> None:
+def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Path | None, time_steps) -> None:
     from .step import TrainingStep  # noqa: local so `--help` stays fast
 
     device = torch.device(case.device)
@@ -87,7 +87,7 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
     timing.warm_up(step, warmup, device)
     memory.reset_peaks(device)
     with nvml.NvmlSampler(device) as sampler:
-        times = timing.time_steps(step, repeats, device)
+        times = time_steps(step, repeats, device)
     record.update(times.as_record_fields())
     warnings.extend(times.warnings)
     record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)
@@ -120,8 +120,12 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
     record["status"] = "ok"
 
 
-def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None) -> dict:
-    """Measure one case with a fresh model; a complete record, never an exception for OOM or a model error."""
+def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None,
+             time_steps=timing.time_steps) -> dict:
+    """Measure one case with a fresh model; a complete record, never an exception for OOM or a model error.
+
+    `time_steps(step, repeats, device) -> StepTimes` runs the measured steps (the suites pass pytest-benchmark's).
+    """
     record = results.new_record(case.identity())
     try:
         record["env"] = env.collect_env(case.device)
@@ -135,7 +139,7 @@ def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path |
     try:
         # CUDA events and streams belong to the current device: make it the case's device
         with torch.cuda.device(case.device) if case.device.startswith("cuda") else contextlib.nullcontext():
-            _measure(case, record, repeats, warmup, trace_dir)
+            _measure(case, record, repeats, warmup, trace_dir, time_steps)
     except Exception as e:  # noqa: BLE001 - a failed case is a result; KeyboardInterrupt still stops the sweep
         if _is_oom(e):
             record["status"] = "oom"

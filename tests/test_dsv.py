@@ -1,0 +1,239 @@
+"""DSV: exact block-sparse attention, block selection, the estimator, profiling and the stage switch."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import architectures
+from architectures.attention import dsv, flex
+from architectures.attention import (DSVAttention, block_mask_to_token_mask, block_sparse_attention, dense_attention,
+                                     estimate_block_scores, select_blocks)
+
+
+def rand(*shape, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+
+def random_block_mask(B, H, nq, nk, seed=0):
+    """Ragged rows (different block counts), each with at least one block."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, H, nq, nk, generator=g) < 0.4
+    mask[..., torch.randint(nk, (1,), generator=g)] = True
+    return mask
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("chunk", [1 << 22, 2048])  # 2048: query blocks gathered in several chunks
+@pytest.mark.parametrize("tokens,block", [(128, 32), (200, 32)])  # 200: the last block is partial (padding)
+def test_block_sparse_equals_dense_restricted_to_the_blocks(tokens, block, chunk, recompute, monkeypatch):
+    monkeypatch.setattr(dsv, "CPU_CHUNK_ELEMENTS", chunk)
+    q, k, v = (rand(2, 3, tokens, 16, seed=s) for s in range(3))
+    nb = math.ceil(tokens / block)
+    mask = random_block_mask(2, 3, nb, nb)
+    out = block_sparse_attention(q, k, v, mask, block, backend="gather", recompute=recompute)
+    ref = dense_attention(q, k, v, attn_mask=block_mask_to_token_mask(mask, block, tokens, tokens))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_every_block_selected_equals_full_attention():
+    q, k, v = (rand(1, 2, 192, 8, seed=s) for s in range(3))
+    mask = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    out = block_sparse_attention(q, k, v, mask, 64)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_select_blocks_keeps_the_top_k_per_head():
+    scores = torch.rand(2, 3, 4, 10, generator=torch.Generator().manual_seed(0))
+    mask = select_blocks(scores, torch.tensor([1, 4, 10]))
+    assert mask.sum(-1)[:, 0].eq(1).all() and mask.sum(-1)[:, 1].eq(4).all() and mask.all(-1)[:, 2].all()
+    top = scores.topk(4, -1).indices[:, 1]
+    assert mask[:, 1].gather(-1, top).all()
+    assert select_blocks(scores, 2).sum(-1).eq(2).all()
+
+
+def test_estimated_block_scores_are_block_masses():
+    q_est, k_est = rand(1, 2, 100, 4, grad=False), rand(1, 2, 100, 4, seed=1, grad=False)
+    scores = estimate_block_scores(q_est, k_est, 32, 0.5)
+    assert scores.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(scores.sum(-1), torch.ones(1, 2, 4, dtype=scores.dtype))
+    # one query block: its pooled query's softmax over keys, summed per key block
+    pooled = q_est[:, :, 32:64].mean(2, keepdim=True)
+    probs = torch.softmax(pooled @ k_est.transpose(-1, -2) * 0.5, -1)[..., :96].view(1, 2, 1, 3, 32).sum(-1)
+    torch.testing.assert_close(scores[:, :, 1:2, :3], probs.float())
+
+
+def planted(heads=2, tokens=256, dim=32, block=32, seed=0):
+    """q, k where query block i attends sharply to key block perm(i) (head 1: uniform, zero queries)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = tokens // block
+    centres = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0][:nb] * 6  # orthogonal directions
+    perm = torch.randperm(nb, generator=g)
+    q = centres[perm].repeat_interleave(block, 0) + 0.3 * torch.randn(tokens, dim, generator=g)
+    k = centres.repeat_interleave(block, 0) + 0.3 * torch.randn(tokens, dim, generator=g)
+    q, k = q.expand(1, heads, -1, -1).clone(), k.expand(1, heads, -1, -1).clone()
+    q[:, 1:] = 0  # uniform attention: nothing to skip
+    return q, k, torch.randn(1, heads, tokens, dim, generator=g)
+
+
+def test_estimator_loss_falls_and_recall_rises_on_planted_structure():
+    torch.manual_seed(0)
+    q, k, v = planted(heads=1)
+    attn = DSVAttention(32, 1, 32, rank=8, block_size=32, sparsity=0.875, estimator_samples=64)  # 1 of 8 blocks
+    with torch.no_grad():
+        attn.k_estimator.normal_()  # independent of q_estimator: the initial estimate is noise
+    opt = torch.optim.Adam([attn.q_estimator, attn.k_estimator], lr=3e-2)
+    attn.train()
+    losses = []
+
+    def recall():
+        attn.capture_stats = True
+        with torch.no_grad():
+            attn.core(q, k, v)
+        attn.capture_stats = False
+        return attn.stats(query_blocks=8)["recall"]
+
+    recalls = [recall()]
+    for _ in range(150):
+        attn.core(q, k, v)
+        losses.append(float(attn.estimator_loss.detach()))
+        opt.zero_grad()
+        attn.estimator_loss.backward()
+        opt.step()
+    recalls.append(recall())
+    assert losses[-1] < 0.5 * losses[0]
+    assert recalls[0] < 0.5 and recalls[1] > 0.95, recalls
+
+
+def test_profiling_then_stage_two_sends_only_sparse_heads_to_sparse_attention():
+    q, k, v = planted()
+    attn = DSVAttention(64, 2, 32, block_size=32, sparsity_threshold=0.5, profile_momentum=0.5).train()
+    for _ in range(3):
+        attn.core(q, k, v)
+    sparsity = attn.profiled_sparsity
+    assert sparsity[0] >= 0.85 and sparsity[1] < 0.2, sparsity  # 1 of 8 blocks vs all 8
+    assert not attn.sparse_heads(8).any()  # still stage 1
+    attn.sparse_active = True
+    assert attn.sparse_heads(8).tolist() == [True, False]
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    attn.double()
+    out = attn.core(q64, k64, v64)
+    with torch.no_grad():
+        q_est, k_est = attn.estimate(q64, k64, slice(0, 2))
+        mask = select_blocks(estimate_block_scores(q_est, k_est, 32, 32 ** -0.5), attn.head_topk(8))
+    ref = dense_attention(q64, k64, v64, attn_mask=block_mask_to_token_mask(mask, 32, 256, 256))
+    torch.testing.assert_close(out[:, 0], ref[:, 0])  # the sparse head: restricted to its blocks
+    torch.testing.assert_close(out[:, 1], dense_attention(q64, k64, v64)[:, 1])  # the dense head: full attention
+
+
+def test_model_switches_stage_at_dense_steps_and_counts_its_steps():
+    torch.manual_seed(0)
+    model = architectures.build("dit-dsv", "tiny", dense_steps=2, sparsity=0.5, block_size=16)
+    batch = model.make_batch(1, 4, 64, 64)  # 4 x 4 x 4 = 64 tokens: block 16 -> 4 blocks
+    seen = []
+    for _ in range(4):
+        model.loss(batch).backward()
+        seen.append([bool(layer.last_sparse_heads.all()) for layer in model.dsv_layers()])
+    assert seen == [[False, False], [False, False], [True, True], [True, True]]
+    assert model.steps_done == 4
+    with torch.no_grad():
+        model.loss(batch)  # evaluation does not count as a training step
+    assert model.steps_done == 4
+
+
+def test_threshold_decides_which_heads_go_sparse_in_the_model():
+    model = architectures.build("dit-dsv", "tiny", dense_steps=0, block_size=16, sparsity_threshold=0.5)
+    batch = model.make_batch(1, 4, 64, 64)
+    for layer in model.dsv_layers():
+        layer.profiled_sparsity.copy_(torch.tensor([0.9, 0.2]))
+        layer.profile_updates.fill_(1)
+    with torch.no_grad():
+        model(*[batch.latents, batch.timesteps, batch.text])
+    assert all(layer.last_sparse_heads.tolist() == [True, False] for layer in model.dsv_layers())
+    stats = model.dsv_stats()
+    assert stats["sparse_head_fraction"] == 0.5
+    assert stats["layer_sparsity"] == [pytest.approx(0.75 / 2)] * 2  # head 0 keeps 1 of 4 blocks, head 1 dense
+    assert 0.0 <= stats["estimator_recall"] <= 1.0 + 1e-6 and stats["rel_error"] >= 0.0
+
+
+def test_dsv_stats_is_lazy_and_leaves_training_state_alone():
+    model = architectures.build("dit-dsv", "tiny", dense_steps=0, sparsity=0.5, block_size=16)
+    assert model.dsv_stats() is None  # nothing run yet
+    model.loss(model.make_batch(2, 4, 64, 64)).backward()
+    assert all(layer._last is None for layer in model.dsv_layers())  # a training step keeps no q, k, v
+    profile = [layer.profiled_sparsity.clone() for layer in model.dsv_layers()]
+    stats = model.dsv_stats()
+    assert set(stats) >= {"layer_sparsity", "estimator_recall", "sparse_head_fraction", "rel_error"}
+    assert stats["layer_sparsity"] == [0.5, 0.5] and stats["sparse_head_fraction"] == 1.0
+    assert 0.0 < stats["rel_error"] < 1.0 and 0.0 < stats["estimator_recall"] <= 1.0 + 1e-6
+    assert model.steps_done == 1 and all(layer._last is None for layer in model.dsv_layers())
+    assert all(torch.equal(a, layer.profiled_sparsity) for a, layer in zip(profile, model.dsv_layers()))
+
+
+def test_estimator_loss_reaches_only_the_estimators():
+    grads = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = architectures.build("dit-dsv", "tiny", estimator_loss_weight=weight)
+        for block in model.blocks:  # non-zero gates, so the attention weights get gradient at all
+            torch.nn.init.normal_(block.adaLN[1].bias)
+        torch.nn.init.normal_(model.final.proj.weight)
+        model.loss(model.make_batch(1, 2, 32, 32)).backward()
+        grads[weight] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads[1.0].items():
+        if name.endswith("_estimator"):
+            assert g.abs().sum() > 0 and grads[0.0][name].abs().sum() == 0
+        else:
+            torch.testing.assert_close(g, grads[0.0][name])
+
+
+@pytest.mark.parametrize("tokens,block", [(256, 64), (200, 64), (384, 128), (300, 32), (300, 256)])
+def test_flex_block_mask_is_exact_with_eager_flex_on_cpu(tokens, block, monkeypatch):
+    """The BlockMask (128-token blocks + exact mask_mod) through FlexAttention's eager reference (forward)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(flex, "_compiled_flex", flex_attention)
+    q, k, v = (rand(1, 2, tokens, 16, seed=s, grad=False).float() for s in range(3))
+    nb = math.ceil(tokens / block)
+    mask = random_block_mask(1, 2, nb, nb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile"
+        out = flex.flex_block_sparse_attention(q, k, v, mask, block, 0.25)
+    ref = dense_attention(q, k, v, attn_mask=block_mask_to_token_mask(mask, block, tokens, tokens), scale=0.25)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_flex_attention_agrees_with_gather_on_cuda(head_dim):
+    q, k, v = (torch.randn(1, 2, 1000, head_dim, device="cuda", requires_grad=True) for _ in range(3))
+    mask = random_block_mask(1, 2, 16, 16).cuda()
+    flex = block_sparse_attention(q, k, v, mask, 64, backend="flex")
+    gather = block_sparse_attention(q, k, v, mask, 64, backend="gather")
+    torch.testing.assert_close(flex, gather, rtol=2e-3, atol=2e-3)
+    gf = torch.autograd.grad(flex.sum(), (q, k, v))
+    gg = torch.autograd.grad(gather.sum(), (q, k, v))
+    for a, b in zip(gf, gg):
+        torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dit_dsv_trains_with_flex_attention_on_cuda():
+    model = architectures.build("dit-dsv", "tiny", device="cuda", dense_steps=1, sparsity=0.75)
+    batch = model.make_batch(1, 8, 128, 128, device="cuda")  # 8 x 8 x 8 = 512 tokens: 8 blocks of 64
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss) and flex._flex_broken is None
+    assert all(layer.last_sparse_heads.all() for layer in model.dsv_layers())
+    assert model.dsv_stats()["layer_sparsity"] == [0.75, 0.75]
