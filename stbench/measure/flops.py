@@ -5,7 +5,22 @@ import re
 from typing import Callable
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _count_cpu_flash_attention() -> None:
+    """torch counts the CUDA SDPA kernels but not the CPU flash kernel that CPU SDPA dispatches to; without this
+    `flops_per_step` on CPU would leave attention out. Same arguments as the CUDA flash op, same formulas."""
+    aten = torch.ops.aten
+    for op, formula in (("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop)):
+        packet = getattr(aten, op, None)
+        if packet is not None and packet not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(packet, get_raw=True)(formula)  # formula is already shape-wrapped
+
+
+_count_cpu_flash_attention()
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' datasheets: (name pattern, bf16/fp16 tensor core,
 # fp32 without TF32). First match wins, so specific names come before general ones. fp16 uses the bf16 column.
@@ -20,7 +35,6 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     (r"L40S", 362.05, 91.6),
     (r"L40\b", 181.05, 90.5),
     (r"\bL4\b", 121.0, 30.3),
-    (r"A10G", 70.0, 31.2),  # AWS's A10G: vendor figure as published for g5 instances
     (r"\bA10\b", 125.0, 31.2),
     (r"RTX 6000 Ada", 364.2, 91.1),
     (r"RTX 4090", 165.2, 82.6),  # fp32 accumulate
