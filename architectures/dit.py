@@ -12,6 +12,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .attention import ATTENTION_KINDS, CrossAttention, DSVAttention, TemporalAttention, make_self_attention
+from .attention.flex import FLEX_BLOCK, flex_supports
 from .base import LATENT_SCALE, VideoModel
 from .registry import Architecture, register
 
@@ -63,6 +64,9 @@ class DiTConfig:
             raise ValueError("profile_momentum must be in [0, 1) and mass_coverage in (0, 1]")
         if self.dense_steps < 0:
             raise ValueError(f"dense_steps: must be >= 0, got {self.dense_steps}")
+        if self.sparse_backend == "flex" and not flex_supports(self.block_size):
+            raise ValueError(f"block_size: {self.block_size} does not tile FlexAttention's {FLEX_BLOCK}-token blocks; "
+                             f"use a divisor or multiple of {FLEX_BLOCK}, or sparse_backend=gather")
 
 
 def modulate(x, shift, scale):  # (B, N, C), (B, 1, C) x2 -> (B, N, C)

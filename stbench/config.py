@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
+import types
 import typing
 from dataclasses import dataclass, field
+
+import torch
 
 import architectures
 from architectures import LATENT_SCALE, TRAINING_MODES
@@ -12,7 +16,7 @@ from architectures import LATENT_SCALE, TRAINING_MODES
 from .errors import UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
-DEVICES = ("cpu", "cuda")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 CONTEXT_PARALLEL = ("ulysses", "ring")
 
 
@@ -37,7 +41,7 @@ def parse_override_value(config_cls: type, key: str, text: str):
         raise UserError(f"--set {key}: unknown field of {config_cls.__name__}; legal: {legal}")
     hint = hints[key]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null"):
             return None
         hint = next(a for a in args if a is not type(None))
@@ -97,7 +101,7 @@ class Case:
             raise UserError(f"resolution: must be a multiple of {LATENT_SCALE}, got {self.resolution}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype: {self.dtype!r} is not legal; legal: {', '.join(DTYPES)}")
-        if self.device.split(":")[0] not in DEVICES:
+        if not DEVICE_PATTERN.fullmatch(self.device):
             raise UserError(f"device: {self.device!r} is not legal; legal: cpu, cuda, cuda:N")
         if self.context_parallel is not None and (self.context_parallel not in CONTEXT_PARALLEL
                                                   or arch.family != "dit"):
@@ -125,8 +129,6 @@ class Case:
 
     def build_model(self, device=None):
         config = self.model_config()
-        import torch  # noqa: local to keep config import light
-
         with torch.device(device or self.device):
             return architectures.get(self.arch).build(config)
 

@@ -202,6 +202,7 @@ def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int
         return loss
 
     _inject_failure(rank)
+    record["warmup"] = warmup = step.warmup_steps(warmup)
     timing.warm_up(counted_step, warmup, device)
     step_bytes.clear()
     cp.counter.reset()
@@ -212,6 +213,7 @@ def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int
     by_kind = {k: v // repeats for k, v in cp.counter.bytes_by_kind.items()}
     mine = {"samples": times.samples_ms, "median": times.median_ms, "peak_allocated": peaks[0],
             "peak_reserved": peaks[1], "nvml_peak_process": sampler.peak_process,
+            "nvml_peak_device": sampler.peak_device,
             "comm_bytes": sorted(step_bytes)[len(step_bytes) // 2], "comm_by_kind": by_kind,
             "work": cp.expected_rank_work()}
     record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
@@ -228,7 +230,7 @@ def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int
     record["peak_allocated"], record["peak_reserved"] = _max_or_none(everyone, "peak_allocated"), \
         _max_or_none(everyone, "peak_reserved")
     record["nvml_peak_process"] = _max_or_none(everyone, "nvml_peak_process")
-    record["nvml_peak_device"] = sampler.peak_device
+    record["nvml_peak_device"] = _max_or_none(everyone, "nvml_peak_device")
     record["saved_activations"] = max(r["saved"] for r in everyone)
     record["flops_per_step"] = sum(r["flops"] for r in everyone)
     peak = flops.device_peak_tflops(device, case.dtype)
@@ -239,6 +241,7 @@ def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int
         rank_step_ms_median=[r["median"] for r in everyone],
         rank_peak_allocated=[r["peak_allocated"] for r in everyone],
         rank_nvml_peak_process=[r["nvml_peak_process"] for r in everyone],
+        rank_nvml_peak_device=[r["nvml_peak_device"] for r in everyone],
         rank_saved_activations=[r["saved"] for r in everyone],
         rank_comm_bytes=[r["comm_bytes"] for r in everyone],
         comm_bytes_by_kind=everyone[0]["comm_by_kind"],
@@ -281,11 +284,6 @@ def _is_collective_error(error: BaseException) -> bool:
         word in text for word in ("gloo", "nccl", "timed out", "connection", "peer"))
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
-
-
 def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     """Every rank runs every case of `sweep` together; rank 0 appends the records to OUT/results.jsonl."""
     if sweep.context_parallel is None:
@@ -294,6 +292,9 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
         raise UserError("compile: --compile is not supported with --context-parallel")
     if getattr(args, "isolate", False) or getattr(args, "trace", False):
         raise UserError("--isolate and --trace are not supported with --context-parallel")
+    if sweep.device.startswith("cuda:"):
+        raise UserError(f"device: {sweep.device!r} under torchrun; pass --device cuda (each rank uses "
+                        f"cuda:LOCAL_RANK)")
     rank, world, _ = init_process_group(sweep.device)
     out = Path(out)
     path = out / results.RESULTS_FILE
@@ -337,7 +338,7 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
                                     f"host memory; collectives wait at most STBENCH_DIST_TIMEOUT="
                                     f"{timeout_seconds():.0f}s)")
                     watch.publish(message)
-                status = "oom" if _is_oom(e) else "error"
+                status = "oom" if memory.is_out_of_memory(e) else "error"
                 _abort(rank, message, lambda m: state.record_failure(m, status),
                        linger_s=2 * POLL_S + 0.6 if cause is None else 0.0)
             if rank == 0:
@@ -366,20 +367,10 @@ def _broadcast(value):
 
 def _prepare_out(sweep: Sweep, out: Path, args) -> set[str]:
     """Rank 0: check/create the run folder like a one-process run; the keys of the cases still to measure."""
-    from .runner import _write_run_file  # the run folder's bookkeeping is the runner's
+    from .runner import open_run_folder  # the run folder's bookkeeping is the runner's
 
     world = dist.get_world_size()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out: {out} exists and is not a folder")
-    path = out / results.RESULTS_FILE
-    done: set[str] = set()
-    if path.exists() and path.stat().st_size:
-        if not getattr(args, "resume", False):
-            raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
-                            f"or choose another --out")
-        done = {results.case_key(r) for r in results.read_records(path)}
-    out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["torchrun", f"--nproc-per-node {world}", "-m", "stbench", *sys.argv[1:]])
-    _write_run_file(out, sweep, command, getattr(args, "resume", False))
+    done = open_run_folder(out, sweep, command, getattr(args, "resume", False))
     keys = {results.case_key(_identity(c, world)) for c in sweep.cases}
     return keys - done

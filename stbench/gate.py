@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import results
 from .errors import UserError
+from .units import format_bytes
 
 MEMORY_METRICS = ("peak_allocated", "peak_reserved", "nvml_peak_process", "nvml_peak_device", "saved_activations")
 OK, REGRESSION, IMPROVED, NOISE, UNSURE, NOTE = "ok", "REGRESSION", "improved", "noise", "unsure", "note"
@@ -77,6 +78,7 @@ def load_results(path) -> list[dict]:
         records = _read_pytest_benchmark(p)
     else:
         records = results.read_records(p)
+        results.check_records(p, records)
     if not records:
         raise UserError(f"{p}: holds no results")
     return records
@@ -313,10 +315,7 @@ def _format_value(metric: str, value) -> str:
         return value
     if metric == "step_ms":
         return f"{value:.2f} ms" if value < 1000 else f"{value / 1000:.3f} s"
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{int(value)} B"
+    return format_bytes(value)
 
 
 def _cells(row: Row) -> list[str]:

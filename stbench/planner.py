@@ -259,7 +259,8 @@ def plan(records: list[dict], *, gpus: int, link_gbps: float, arch: str | None =
                 est = estimate(shape, sparsity, step_ms, u, r, link_gbps)
                 measured.append({"layout": est.layout, "world_size": world,
                                  "estimated_step_ms": est.step_ms, "measured_step_ms": other["step_ms_median"],
-                                 "estimated_comm_bytes": est.comm_bytes, "measured_comm_bytes": other.get("comm_bytes")})
+                                 "estimated_comm_bytes": est.comm_bytes,
+                                 "measured_comm_bytes": other.get("comm_bytes")})
         plans.append({"record": record, "shape": shape, "tokens": tokens or shape.tokens, "estimates": estimates,
                       "single_gpu_ms": single.step_ms, "best": best, "measured": measured})
     return plans
@@ -274,10 +275,12 @@ def render(plans: list[dict], gpus: int, link_gbps: float) -> str:
     for p in plans:
         rec = p["record"]
         lines.append("")
+        measured_at = f" at {p['shape'].tokens} tokens" if p["tokens"] != p["shape"].tokens else ""
         lines.append(f"{rec['arch']} {rec['preset']} r{rec['resolution']} f{rec['frames']} b{rec['batch']} "
                      f"{rec['dtype']} {rec['mode']}: {p['tokens']} tokens, measured 1 GPU "
-                     f"{rec['step_ms_median']:.1f} ms/step{' at ' + str(p['shape'].tokens) + ' tokens' if p['tokens'] != p['shape'].tokens else ''}")
-        lines.append(f"  {'layout':34s} {'step ms':>10s} {'speedup':>8s} {'comm/rank/step':>15s} {'attn imbalance':>15s}")
+                     f"{rec['step_ms_median']:.1f} ms/step{measured_at}")
+        lines.append(f"  {'layout':34s} {'step ms':>10s} {'speedup':>8s} {'comm/rank/step':>15s} "
+                     f"{'attn imbalance':>15s}")
         single = p["single_gpu_ms"]
         for est in sorted(p["estimates"], key=lambda e: e.step_ms):
             mark = "*" if est is p["best"] else " "

@@ -11,6 +11,7 @@ from .errors import UserError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"  # beside results.jsonl: the command lines and sweep settings that produced the run
 
 # The record's field names are a contract (DESIGN.md): suites, report, gate and users' scripts read them.
 IDENTITY_FIELDS = ("arch", "preset", "overrides", "mode", "batch", "frames", "resolution", "dtype", "device",
@@ -25,6 +26,8 @@ RECORD_FIELDS = (
     "warnings", "env", "dsv", "world_size", "context_parallel", "comm_bytes",
 )
 STATUSES = ("ok", "oom", "error")
+REQUIRED_TEXT = ("arch", "preset", "mode", "dtype", "device", "status")
+REQUIRED_INT = ("batch", "frames", "resolution")
 
 
 def new_record(identity: dict) -> dict:
@@ -102,13 +105,27 @@ def read_records(run: str | os.PathLike, *, strict: bool = False) -> list[dict]:
             if number == len(lines) and not strict:  # torn last line: the writer was killed mid-write
                 continue
             raise UserError(f"{path}:{number}: not a JSON object (malformed results file)") from None
-        if not isinstance(record, dict) or "arch" not in record or "schema" not in record:
+        if not isinstance(record, dict) or "arch" not in record or not isinstance(record.get("schema"), int):
             raise UserError(f"{path}:{number}: not a stbench result record")
         if record["schema"] > SCHEMA_VERSION:
             raise UserError(f"{path}:{number}: schema {record['schema']} is newer than this stbench "
                             f"({SCHEMA_VERSION}); upgrade stbench")
         records.append({**{name: None for name in RECORD_FIELDS}, **record})
     return records
+
+
+def check_records(run: str | os.PathLike, records: list[dict]) -> None:
+    """The identity and status fields that report and gate rely on must be present and typed (UserError if not)."""
+    for number, record in enumerate(records, 1):
+        for name in REQUIRED_TEXT + REQUIRED_INT:
+            value = record.get(name)
+            kind = int if name in REQUIRED_INT else str
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(f"{results_path(run)}: record {number} has no valid {name!r} "
+                                f"(got {value!r}; malformed results file)")
+        if record["status"] not in STATUSES:
+            raise UserError(f"{results_path(run)}: record {number} has status {record['status']!r}; "
+                            f"legal: {', '.join(STATUSES)}")
 
 
 def to_frame(records: Iterable[dict]):

@@ -24,11 +24,12 @@ from . import results
 from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
 from .measure import activations, env, flops, memory, nvml, timing
+from .results import RUN_FILE
+from .units import format_bytes
 
 COMPILE_WARMUP = 3  # compilation (and recompilation on the second call) must finish before timing
 ERROR_TAIL_LINES = 25
 ERROR_TAIL_CHARS = 4000
-RUN_FILE = "run.json"
 INTERRUPTED = 130  # exit code of a child stopped by Ctrl-C
 
 
@@ -36,20 +37,6 @@ INTERRUPTED = 130  # exit code of a child stopped by Ctrl-C
 
 def _tail(text: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHARS) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])[-chars:]
-
-
-def _is_oom(error: BaseException | None) -> bool:
-    """Out of memory, also when wrapped (torch.compile re-raises errors from inside its backends)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-        # the CPU allocator reports exhaustion as a plain RuntimeError
-        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def _optional(record: dict, what: str, fn):
@@ -84,6 +71,7 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
     record["param_bytes"] = memory.param_bytes(model)
     record["grad_bytes"] = memory.grad_bytes(step.trainable)
 
+    record["warmup"] = warmup = step.warmup_steps(warmup)
     timing.warm_up(step, warmup, device)
     memory.reset_peaks(device)
     with nvml.NvmlSampler(device) as sampler:
@@ -117,6 +105,9 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
     record["flops_per_step"] = _optional(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
     peak = flops.device_peak_tflops(device, case.dtype)
     record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"], peak)
+    if record["mfu"] is not None and case.dtype == "fp32" and flops.tf32_enabled():
+        warnings.append("mfu: measured against the fp32 (non-tensor-core) peak, but TF32 tensor cores are "
+                        "enabled (torch.backends.cudnn/cuda.matmul.allow_tf32), so MFU may be overstated")
     record["status"] = "ok"
 
 
@@ -141,7 +132,7 @@ def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path |
         with torch.cuda.device(case.device) if case.device.startswith("cuda") else contextlib.nullcontext():
             _measure(case, record, repeats, warmup, trace_dir, time_steps)
     except Exception as e:  # noqa: BLE001 - a failed case is a result; KeyboardInterrupt still stops the sweep
-        if _is_oom(e):
+        if memory.is_out_of_memory(e):
             record["status"] = "oom"
             record["error"] = _tail(str(e), lines=3, chars=600)
         else:
@@ -252,6 +243,25 @@ def sweep_settings(sweep: Sweep) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
+def open_run_folder(out: Path, sweep: Sweep, command: str, resume: bool) -> set[str]:
+    """Check and create the run folder, record this invocation in run.json; the case keys already measured.
+
+    Results already there are never overwritten: without `resume` a non-empty results file is an error.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} exists and is not a folder")
+    path = out / results.RESULTS_FILE
+    done: set[str] = set()
+    if path.exists() and path.stat().st_size:
+        if not resume:
+            raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
+                            f"or choose another --out")
+        done = {results.case_key(r) for r in results.read_records(path)}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_run_file(out, sweep, command, resume)
+    return done
+
+
 def _write_run_file(out: Path, sweep: Sweep, command: str, resume: bool) -> None:
     path = out / RUN_FILE
     info = {}
@@ -268,21 +278,14 @@ def _write_run_file(out: Path, sweep: Sweep, command: str, resume: bool) -> None
     os.replace(tmp, path)
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
 def _figures(record: dict) -> str:
     if record["status"] != "ok":
         return record["status"]
     text = f"{record['step_ms_median']:.1f} ms"
     if record["peak_allocated"] is not None:
-        text += f", peak {_bytes(record['peak_allocated'])}"
+        text += f", peak {format_bytes(record['peak_allocated'])}"
     if record["saved_activations"] is not None:
-        text += f", activations {_bytes(record['saved_activations'])}"
+        text += f", activations {format_bytes(record['saved_activations'])}"
     return text
 
 
@@ -295,22 +298,10 @@ def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = 
     from tqdm import tqdm
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out: {out} exists and is not a folder")
-    path = out / results.RESULTS_FILE
-    done: set[str] = set()
-    if path.exists():
-        if not resume:
-            if path.stat().st_size:
-                raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
-                                f"or choose another --out")
-        else:
-            done = {results.case_key(r) for r in results.read_records(path)}
-    out.mkdir(parents=True, exist_ok=True)
     if command is None:
         command = shlex.join(["python", "-m", "stbench", *sys.argv[1:]])
-    _write_run_file(out, sweep, command, resume)
-
+    done = open_run_folder(out, sweep, command, resume)
+    path = out / results.RESULTS_FILE
     todo = [c for c in sweep.cases if results.case_key(results.new_record(c.identity())) not in done]
     measure = run_case_isolated if isolate else run_case
     trace_dir = out / "traces" if trace else None
@@ -346,7 +337,8 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="comma-separated architectures (see `stbench inspect`)")
     parser.add_argument("--preset", default="tiny", help="size preset: tiny (default), small, or the full-size preset")
-    parser.add_argument("--resolution", default="64", help="comma-separated square sizes in pixels, multiples of 8 (default 64)")
+    parser.add_argument("--resolution", default="64",
+                        help="comma-separated square sizes in pixels, multiples of 8 (default 64)")
     parser.add_argument("--frames", default="8", help="comma-separated frame counts (default 8)")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES,
@@ -386,11 +378,16 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 def execute(args: argparse.Namespace) -> int:
     sweep = sweep_from_args(args)
     out = Path(args.out or f"runs/run-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit():
+        raise UserError(f"WORLD_SIZE: expected an integer, got {world!r}")
+    if int(world) > 1:
         from .distributed import run_sweep_distributed
 
-        status = run_sweep_distributed(sweep, out, args)
-        return status if isinstance(status, int) else 0
+        return run_sweep_distributed(sweep, out, args)
+    if sweep.context_parallel is not None:  # one process would measure a plain step under a parallel name
+        raise UserError("--context-parallel: needs several processes; launch with "
+                        "torchrun --nproc-per-node N -m stbench run ...")
     argv = getattr(args, "argv", None)
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
     records = run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, trace=args.trace,

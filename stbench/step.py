@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch.profiler import record_function
@@ -12,16 +13,19 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingStep:
-    """Model + AdamW + one fixed batch; calling it runs forward, loss, backward, optimizer step, zero_grad.
+    """Model + AdamW + one fixed batch; calling it runs forward, loss, backward, optimizer step, zero_grad."""
 
-    Weights stay fp32 (mixed precision through autocast, as real training does; fp16 runs without a
-    GradScaler, whose few elementwise kernels are left out); the batch is made once, so a step measures
-    the model and optimizer, not data generation.
-    """
+    # Weights stay fp32 (mixed precision through autocast, as real training does; fp16 runs without a
+    # GradScaler, whose few elementwise kernels are left out); the batch is made once, so a step measures
+    # the model and optimizer, not data generation.
 
     def __init__(self, case: Case, *, seed: int = 0, lr: float = 1e-4):
         self.case = case
         self.device = torch.device(case.device)
+        # Compile caches are per process: without a reset, earlier cases' shapes count towards dynamo's
+        # recompile limit (past it, compiled code such as FlexAttention silently runs eagerly).
+        if "torch._dynamo" in sys.modules:  # not imported: nothing was compiled
+            torch._dynamo.reset()
         torch.manual_seed(seed)
         self.model = case.build_model(self.device)
         self.model.set_training_mode(case.mode)
@@ -35,6 +39,17 @@ class TrainingStep:
         self.autocast_dtype = AUTOCAST_DTYPES.get(case.dtype)
         # torch.compile traces the whole forward + loss; AOTAutograd compiles its backward too.
         self.loss_fn = torch.compile(self.model.loss) if case.compile else self.model.loss
+
+    def warmup_steps(self, requested: int) -> int:
+        """`requested`, extended past a stage switch so that every measured step runs the final stage.
+
+        DSV trains dense for `dense_steps`, then sparse: the first sparse steps build (on CUDA, compile) the
+        sparse kernels, which belongs to warm-up, not to the measured step time.
+        """
+        dsv_layers = getattr(self.model, "dsv_layers", None)
+        if dsv_layers is not None and dsv_layers():
+            return max(requested, self.model.config.dense_steps + 2)
+        return requested
 
     def autocast(self):
         if self.autocast_dtype is None:

@@ -64,6 +64,16 @@ def test_cuda_without_a_device_is_bad_input(capsys, tmp_path):
                                       "(no CUDA device); legal: cpu\n"
 
 
+def test_context_parallel_without_torchrun_is_bad_input(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["run", "--arch", "dit-full", "--device", "cpu", "--context-parallel", "ulysses", "--out",
+            str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "stbench: error: --context-parallel: needs several processes; launch with " \
+                                      "torchrun --nproc-per-node N -m stbench run ...\n"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("content", [b"{not json\n{\"also\": \"bad\"}\n", b"\xff\xfe\x00garbage\n"])
 def test_unreadable_results_on_resume(content, capsys, tmp_path):
     (tmp_path / results.RESULTS_FILE).write_bytes(content)

@@ -68,6 +68,7 @@ def test_case_applies_overrides_and_names_itself():
     ({"resolution": 20}, "resolution: must be a multiple of 8"),
     ({"dtype": "fp8"}, "dtype: 'fp8' is not legal"),
     ({"device": "tpu"}, "device: 'tpu' is not legal"),
+    ({"device": "cuda:x"}, "device: 'cuda:x' is not legal; legal: cpu, cuda, cuda:N"),
     ({"context_parallel": "ring"}, "context_parallel: 'ring' is not legal for toy-mlp"),
     ({"frames": 65}, "resolution/frames for toy-mlp: toy model takes at most 64 frames"),
 ])

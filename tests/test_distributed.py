@@ -16,6 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from architectures.attention import context_parallel as cpm
+from architectures.attention import ring
+from architectures.attention.dsv import block_mask_to_token_mask, gather_block_sparse_attention
+from architectures.attention.full import dense_attention
 
 WORLD = 2
 TOL = dict(rtol=1e-9, atol=1e-10)  # fp64 everywhere: a CP step must match one process to rounding
@@ -49,6 +52,13 @@ def _qkv(seed=0, B=2, H=4, N=32, D=8):
     return [torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
+def _reference(q, k, v, block_mask=None, block_size=1):
+    """One-process attention, restricted to the selected (query block, key block) pairs if a mask is given."""
+    N = q.shape[2]
+    mask = None if block_mask is None else block_mask_to_token_mask(block_mask, block_size, N, N)
+    return dense_attention(q, k, v, attn_mask=mask)
+
+
 def _local(t, rank, world):
     return t.chunk(world, dim=2)[rank].detach().clone().requires_grad_(True)
 
@@ -69,15 +79,15 @@ def _attention_functions(rank, world):
     q, k, v = (t.requires_grad_(True) for t in _qkv(B=B, H=H, N=N, D=D))
     g = torch.Generator().manual_seed(1)
     dout = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
-    ref = cpm.dense_reference_attention(q, k, v)
+    ref = _reference(q, k, v)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     bytes_seen = {}
 
     def local_attention(a, b, c, heads):
-        return cpm.dense_reference_attention(a, b, c)
+        return _reference(a, b, c)
 
     for name, call in {
-        "ring": lambda ql, kl, vl, c: cpm.ring_attention(ql, kl, vl, counter=c),
+        "ring": lambda ql, kl, vl, c: ring.ring_attention(ql, kl, vl, counter=c),
         "ulysses": lambda ql, kl, vl, c: cpm.ulysses_attention(ql, kl, vl, local_attention, counter=c),
         "ulysses_uneven": lambda ql, kl, vl, c: cpm.ulysses_attention(ql, kl, vl, local_attention,
                                                                        placement=UNEVEN[world], counter=c),
@@ -97,13 +107,13 @@ def _attention_functions(rank, world):
     mask = torch.zeros(B, H, nq, nkv, dtype=torch.bool)
     for h in range(H):
         mask[:, h].scatter_(-1, scores[:, h].topk(int(topk[h]), -1).indices, True)
-    ref = cpm.dense_reference_attention(q, k, v, mask, bs)
+    ref = _reference(q, k, v, mask, bs)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     counter = cpm.CommCounter()
     ql, kl, vl = (_local(t, rank, world) for t in (q, k, v))
     local_mask = mask.chunk(world, dim=2)[rank]
-    k_full, v_full = cpm.sparse_kv_exchange(kl, vl, local_mask, bs, counter=counter)
-    out = cpm.rect_block_sparse_attention(ql, k_full, v_full, local_mask, bs, D ** -0.5)
+    k_full, v_full = ring.sparse_kv_exchange(kl, vl, local_mask, bs, counter=counter)
+    out = gather_block_sparse_attention(ql, k_full, v_full, local_mask, bs, N, D ** -0.5)
     torch.testing.assert_close(out, ref.chunk(world, dim=2)[rank], **TOL)
     out.backward(dout.chunk(world, dim=2)[rank])
     _check_grads(ref_grads, (ql.grad, kl.grad, vl.grad), rank, world)
@@ -177,6 +187,8 @@ def _model_equivalence(mode, rank, world, frames=8, configs=None):
                 torch.testing.assert_close(p.grad, p_ref.grad, **MODEL_TOL, msg=lambda m: f"{arch} {name}: {m}")
             for a, b in zip(model.dsv_layers(), reference.dsv_layers()):
                 torch.testing.assert_close(a.profiled_sparsity, b.profiled_sparsity, **MODEL_TOL)
+                assert torch.equal(a.last_sparse_heads, b.last_sparse_heads)  # all heads, as one process sees
+                assert a._last is None  # a training step keeps no q, k, v
             summary[f"{arch}/{step}"] = dict(cp.counter.bytes_by_kind)
         if overrides is DSV_SET:
             summary["sparse_heads"] = [int(m.sparse_heads(8).sum()) for m in model.dsv_layers()]

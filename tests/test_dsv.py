@@ -1,4 +1,5 @@
 """DSV: exact block-sparse attention, block selection, the estimator, profiling and the stage switch."""
+import functools
 import math
 import warnings
 
@@ -205,6 +206,37 @@ def test_flex_block_mask_is_exact_with_eager_flex_on_cpu(tokens, block, monkeypa
         out = flex.flex_block_sparse_attention(q, k, v, mask, block, 0.25)
     ref = dense_attention(q, k, v, attn_mask=block_mask_to_token_mask(mask, block, tokens, tokens), scale=0.25)
     torch.testing.assert_close(out, ref)
+
+
+def test_flex_compiles_once_per_shape_and_fails_loudly_past_its_recompile_limit(monkeypatch):
+    """Dynamo's guards as on CUDA (aot_eager: no kernel compiler needed): a new block selection of the same
+    shape reuses the compiled graph; past FLEX_RECOMPILE_LIMIT it raises instead of running unfused."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    monkeypatch.setattr(flex, "_compiled_flex", None)
+    monkeypatch.setattr(flex, "FLEX_RECOMPILE_LIMIT", 2)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # flex raises it for its own calls
+
+    def run(heads, seed):
+        q, k, v = (rand(1, heads, 200, 16, seed=s, grad=False).float() for s in range(3))
+        mask = random_block_mask(1, heads, 4, 4, seed=seed)
+        out = flex.flex_block_sparse_attention(q, k, v, mask, 64, 0.25)
+        ref = dense_attention(q, k, v, attn_mask=block_mask_to_token_mask(mask, 64, 200, 200), scale=0.25)
+        torch.testing.assert_close(out, ref)
+
+    try:
+        for seed in range(3):
+            run(2, seed)
+        assert counter.frame_count == 1
+        run(3, 0)  # another head count: a second compile, within the raised limit
+        assert counter.frame_count == 2
+        with pytest.raises(FailOnRecompileLimitHit):
+            run(4, 0)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.cuda

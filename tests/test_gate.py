@@ -160,6 +160,15 @@ def test_malformed_file_exits_2_with_one_line(tmp_path):
     assert "bad.jsonl:2" in proc.stderr
 
 
+def test_record_without_its_identity_is_a_user_error(tmp_path, capsys):
+    good = write_run(tmp_path / "good.jsonl", [make_record()])
+    (tmp_path / "partial.jsonl").write_text('{"arch": "serial-unet", "schema": 1}\n')
+    code, out, err = run_gate(capsys, good, tmp_path / "partial.jsonl")
+    assert code == 2 and out == ""
+    assert err == f"stbench: error: {tmp_path / 'partial.jsonl'}: record 1 has no valid 'preset' (got None; " \
+                  f"malformed results file)\n"
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{\"benchmarks\": 3}", "{oops"])
 def test_malformed_benchmark_json_is_a_user_error(tmp_path, capsys, content):
     good = write_run(tmp_path / "good.jsonl", [make_record()])

@@ -149,6 +149,16 @@ def test_env_fields():
     assert info["time"].endswith("+00:00")
 
 
+def test_warm_up_runs_past_the_dsv_stage_switch(toy_case):
+    from stbench.config import Case
+
+    assert TrainingStep(toy_case()).warmup_steps(2) == 2
+    dsv = TrainingStep(Case("dit-dsv", frames=4, resolution=32, overrides=(("dense_steps", "3"),)))
+    assert dsv.warmup_steps(2) == 5 and dsv.warmup_steps(9) == 9  # dense steps, then two sparse ones
+    full = TrainingStep(Case("dit-full", frames=4, resolution=32))
+    assert full.warmup_steps(2) == 2
+
+
 def test_bf16_autocast_on_cpu_trains(toy_case):
     step = TrainingStep(toy_case(dtype="bf16", mode="full"))
     before = [p.detach().clone() for p in step.trainable]
@@ -207,6 +217,38 @@ def test_nvml_without_our_pid_reports_none(monkeypatch):
     with nvml.NvmlSampler("cuda", period_s=0.001) as sampler:
         pass
     assert sampler.peak_process is None and sampler.peak_device == 4000
+
+
+class FakeNvmlDevices:
+    """Stands in for pynvml's handle lookups: NVML knows GPUs by prefixed UUID and by its own (PCI) index."""
+
+    def __init__(self, uuids):
+        self.uuids = uuids
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid not in self.uuids:
+            raise LookupError(uuid)
+        return f"handle of {uuid}"
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"handle of {self.uuids[index]}"
+
+
+@pytest.mark.parametrize("torch_uuid, count, visible, expected", [
+    ("bbbb", 2, "", "handle of GPU-bbbb"),  # torch's bare UUID gets NVML's prefix, whatever the numbering
+    ("zzzz", 2, "", None),  # unknown UUID, two GPUs: CUDA and NVML numbering may differ
+    ("zzzz", 1, "1", None),  # renumbered by CUDA_VISIBLE_DEVICES: index 0 is not NVML's 0
+    ("zzzz", 1, "", "handle of GPU-aaaa"),  # one GPU, nothing renumbered: the index is safe
+])
+def test_nvml_handle_is_found_by_uuid(monkeypatch, torch_uuid, count, visible, expected):
+    monkeypatch.setattr(nvml, "pynvml", FakeNvmlDevices(["GPU-aaaa", "GPU-bbbb"]))
+    monkeypatch.setattr(nvml, "_init", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"uuid": torch_uuid}))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert nvml.device_handle("cuda:0") == expected
 
 
 def test_cpu_flash_attention_is_counted_like_the_cuda_kernels():

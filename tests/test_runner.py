@@ -12,6 +12,7 @@ from conftest import TOY_ARCH, ToyVideoModel
 from stbench import results, runner
 from stbench.config import Sweep
 from stbench.errors import UserError
+from stbench.measure import memory
 
 
 def _sweep(**fields) -> Sweep:
@@ -117,9 +118,10 @@ def test_oom_is_recognised_when_wrapped():
         except torch.OutOfMemoryError as inner:
             raise RuntimeError("backend compiler failed") from inner
     except RuntimeError as outer:
-        assert runner._is_oom(outer)
-    assert runner._is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
-    assert not runner._is_oom(ValueError("shape mismatch"))
+        assert memory.is_out_of_memory(outer)
+    assert memory.is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not memory.is_out_of_memory(ValueError("shape mismatch"))
 
 
 def test_isolated_child_stopped_by_ctrl_c_is_not_recorded(toy_case, monkeypatch):

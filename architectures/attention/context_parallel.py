@@ -1,4 +1,4 @@
-"""Context parallelism for DiT self-attention: head-wise (Ulysses) and sequence-wise (ring), DSV-aware.
+"""Context parallelism for DiT self-attention: the `cp` protocol, byte counting and head-wise (Ulysses) mode.
 
 Tokens are sharded along the sequence: rank r holds tokens [r*n, (r+1)*n) of N = world*n, in the DiT's
 (frame, row, col) order. The DiT calls, on an object `cp` of this module:
@@ -13,9 +13,9 @@ reduce-scatter of identical gradients gives, without sending them); each rank's 
 then `world` x its share and `sync_gradients` averages them (all-reduce / world), which gives exactly the
 single-process gradients.
 
-Every byte a rank sends through this module is counted in `cp.counter` (by kind): all-to-all and
-point-to-point sends exactly (bytes leaving this rank for other ranks), all-reduce at the ring algorithm's
-per-rank volume 2 (W-1)/W x size.
+Every byte a rank sends through this module and `ring` is counted in `cp.counter` (by kind): all-to-all
+and point-to-point sends exactly (bytes leaving this rank for other ranks), all-reduce at the ring
+algorithm's per-rank volume 2 (W-1)/W x size. Sequence-wise (ring) mode is in `ring`.
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .dsv import blocks_to_cover, estimate_block_scores, select_blocks
+from .dsv import DSVAttention, n_blocks
 
 CONTEXT_PARALLEL_MODES = ("ulysses", "ring")
 
@@ -49,8 +48,18 @@ class CommCounter:
         self.bytes_by_kind = {}
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def allreduce_bytes(t: torch.Tensor, world: int) -> int:
+    """Per-rank send volume of a ring all-reduce: reduce-scatter + all-gather, 2 (W-1)/W of the tensor."""
+    return nbytes(t) * 2 * (world - 1) // world
+
+
+def global_rank(group, rank: int) -> int:
+    """The global rank of `rank` in `group` (point-to-point and broadcast take global ranks)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 # --- collectives that count what they send -----------------------------------------------------------------
@@ -59,7 +68,7 @@ def all_to_all_rows(x: torch.Tensor, in_splits: Sequence[int], out_splits: Seque
     """all_to_all_single along dim 0: rows in_splits[j] go to rank j; out_splits[i] rows arrive from rank i."""
     x = x.contiguous()
     rank = dist.get_rank(group)
-    row_bytes = _nbytes(x) // max(x.shape[0], 1)
+    row_bytes = nbytes(x) // max(x.shape[0], 1)
     counter.add(kind, row_bytes * (sum(in_splits) - in_splits[rank]))
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
@@ -84,7 +93,7 @@ def all_gather_counted(x: torch.Tensor, group, counter, kind: str, dim: int = 0)
     """Concatenation of every rank's `x` along `dim` (not differentiable); sends (W-1) x its bytes."""
     world = dist.get_world_size(group)
     x = x.contiguous()
-    counter.add(kind, _nbytes(x) * (world - 1))
+    counter.add(kind, nbytes(x) * (world - 1))
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
@@ -103,118 +112,6 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, grad):
         rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
         return grad.narrow(1, rank * ctx.n, ctx.n) * world, None, None
-
-
-def _peer(group, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
-
-
-def _ring_shift(t: torch.Tensor, group, counter, kind: str):
-    """Start sending `t` to the next rank and receiving the previous rank's into a new buffer."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    t = t.contiguous()
-    buf = torch.empty_like(t)
-    counter.add(kind, _nbytes(t))
-    ops = [dist.P2POp(dist.isend, t, _peer(group, (rank + 1) % world), group=group),
-           dist.P2POp(dist.irecv, buf, _peer(group, (rank - 1) % world), group=group)]
-    return buf, dist.batch_isend_irecv(ops)
-
-
-def _wait(pending) -> None:
-    for req in pending:
-        req.wait()
-
-
-# --- ring attention (sequence-wise, dense) -----------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def chunk_attention(q, k, v, scale: float):
-    """Attention of q on one key/value chunk: (out (B,H,n,D), lse (B,H,n)) in the accumulation dtype.
-
-    Products run in the input dtype (tensor cores for bf16), softmax statistics and sums in fp32 or better.
-    """
-    acc = _acc_dtype(q.dtype)
-    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # (B, H, n, m)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)).to(v.dtype), v).to(acc), lse
-
-
-def merge_partial(out, lse, out_i, lse_i):
-    """Combine two softmax-normalised partial results over disjoint keys with their log-sum-exps."""
-    if out is None:
-        return out_i, lse_i
-    new = torch.logaddexp(lse, lse_i)
-    return out * torch.exp(lse - new).unsqueeze(-1) + out_i * torch.exp(lse_i - new).unsqueeze(-1), new
-
-
-def _chunk_grads(q, k, v, dout, lse, delta, scale):
-    """dq, dk, dv (accumulation dtype) of one chunk given the global lse and delta = rowsum(dout * out)."""
-    acc = lse.dtype
-    p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale - lse.unsqueeze(-1))  # (B, H, n, m)
-    dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), dout).to(acc)
-    ds = (p * (torch.matmul(dout, v.transpose(-1, -2)).to(acc) - delta.unsqueeze(-1))).to(q.dtype)
-    return (torch.matmul(ds, k).to(acc) * scale, torch.matmul(ds.transpose(-1, -2), q).to(acc) * scale, dv)
-
-
-class _RingAttention(torch.autograd.Function):
-    """Each rank keeps its queries; key/value chunks go around the ring; partials merge by log-sum-exp.
-
-    Backward goes around the ring again: the kv chunks travel as in forward, and the dk/dv accumulated for
-    a visiting chunk (fp32 or better) travel behind it and reach its owner after the last hop.
-    Autocast is off inside: dtypes are chosen explicitly (chunk_attention).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group, counter):
-        world = dist.get_world_size(group)
-        kv = torch.stack([k, v])  # (2, B, H, m, D), sent in the input dtype
-        out = lse = None
-        with torch.autocast(q.device.type, enabled=False):
-            for step in range(world):
-                if step < world - 1:
-                    nxt, pending = _ring_shift(kv, group, counter, "attention")  # overlaps the compute below
-                out, lse = merge_partial(out, lse, *chunk_attention(q, kv[0], kv[1], scale))
-                if step < world - 1:
-                    _wait(pending)
-                    kv = nxt
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group, ctx.counter = scale, group, counter
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, counter, scale = ctx.group, ctx.counter, ctx.scale
-        world = dist.get_world_size(group)
-        with torch.autocast(q.device.type, enabled=False):
-            dout = dout.to(q.dtype)
-            delta = (dout.to(out.dtype) * out).sum(-1)  # (B, H, n)
-            kv = torch.stack([k, v])
-            dq, dk_own, dv_own = _chunk_grads(q, k, v, dout, lse, delta, scale)
-            travelling = None  # (2, B, H, m, D): dk/dv of the chunk held now, following it to its owner
-            for step in range(1, world):
-                kv, pending = _ring_shift(kv, group, counter, "attention")
-                _wait(pending)
-                if travelling is not None:
-                    travelling, pending = _ring_shift(travelling, group, counter, "attention")
-                    _wait(pending)
-                dq_i, dk_i, dv_i = _chunk_grads(q, kv[0], kv[1], dout, lse, delta, scale)
-                dq = dq + dq_i
-                contribution = torch.stack([dk_i, dv_i])
-                travelling = contribution if travelling is None else travelling + contribution
-            if travelling is not None:  # last hop: the chunk's accumulated gradient reaches its owner
-                travelling, pending = _ring_shift(travelling, group, counter, "attention")
-                _wait(pending)
-                dk_own, dv_own = dk_own + travelling[0], dv_own + travelling[1]
-        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None
-
-
-def ring_attention(q, k, v, *, group=None, counter: CommCounter | None = None, scale: float | None = None):
-    """Dense attention of local queries over all ranks' keys/values (B, H, n, D) -> (B, H, n, D)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, scale, group, counter or CommCounter())
 
 
 # --- Ulysses (head-wise) -----------------------------------------------------------------------------------
@@ -283,84 +180,6 @@ def ulysses_attention(q, k, v, local_attention, *, placement=None, group=None, c
     return sequence_to_heads_layout(out, placement, group, counter)
 
 
-# --- DSV sparse key/value exchange (sequence-wise) ---------------------------------------------------------
-class _SparseKVExchange(torch.autograd.Function):
-    """Assemble full-length K and V holding only the blocks some local query block selected.
-
-    `need` (W, B, H, nb) bool: need[i, b, h, j] = rank i needs block j of this rank's shard. Each rank
-    sends exactly those blocks (k and v stacked); missing blocks stay zero and are never read by
-    block-sparse attention. Backward returns the gradients of the received blocks to their owners.
-    """
-
-    @staticmethod
-    def forward(ctx, k, v, need, mine, group, counter, block_size):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        B, H, m, D = k.shape
-        nb = m // block_size
-        blocks = torch.stack([k, v], 2).view(B, H, 2, nb, block_size, D).transpose(2, 3)  # (B, H, nb, 2, bs, D)
-        sends = [blocks[need[i]] for i in range(world) if i != rank]  # per requester, rows in (b, h, j) order
-        in_splits = [0 if i == rank else int(need[i].sum()) for i in range(world)]
-        payload = torch.cat(sends) if sends else blocks.new_zeros(0, 2, block_size, D)
-        remote = mine.permute(2, 0, 1, 3).clone()  # (W, B, H, nb): owner-major, the order rows arrive in
-        remote[rank] = False
-        out_splits = [int(remote[o].sum()) for o in range(world)]
-        got = all_to_all_rows(payload, in_splits, out_splits, group, counter, "attention")
-        full = blocks.new_zeros(world, B, H, nb, 2, block_size, D)
-        full[rank] = blocks
-        full[remote] = got
-        full = full.permute(1, 2, 4, 0, 3, 5, 6).reshape(B, H, 2, world * m, D)
-        ctx.save_for_backward(need, remote)
-        ctx.args = (group, counter, block_size, in_splits, out_splits, (B, H, m, D))
-        return full[:, :, 0], full[:, :, 1]
-
-    @staticmethod
-    def backward(ctx, dk_full, dv_full):
-        need, remote = ctx.saved_tensors
-        group, counter, block_size, in_splits, out_splits, (B, H, m, D) = ctx.args
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        nb = m // block_size
-        grads = torch.stack([dk_full, dv_full], 2).view(B, H, 2, world, nb, block_size, D)
-        grads = grads.permute(3, 0, 1, 4, 2, 5, 6)  # (W, B, H, nb, 2, bs, D)
-        back = all_to_all_rows(grads[remote], out_splits, in_splits, group, counter, "attention")
-        local = grads[rank].clone()  # (B, H, nb, 2, bs, D)
-        start = 0
-        for i in range(world):
-            if in_splits[i]:
-                local[need[i]] += back[start:start + in_splits[i]]
-                start += in_splits[i]
-        local = local.transpose(2, 3).reshape(B, H, 2, m, D)
-        return local[:, :, 0], local[:, :, 1], None, None, None, None, None
-
-
-def needed_kv_blocks(block_mask: torch.Tensor, world: int) -> torch.Tensor:
-    """(B, H, nq_local, n_kv) selection of this rank's query blocks -> (B, H, W, nb) blocks it needs per owner."""
-    B, H, _, nkv = block_mask.shape
-    return block_mask.any(dim=2).view(B, H, world, nkv // world)
-
-
-def sparse_kv_exchange(k, v, block_mask, block_size: int, *, group=None, counter=None):
-    """(B, H, m, D) local k/v + this rank's block mask (B, H, nq_local, W*m/bs) -> full-length k, v.
-
-    The need masks (one bit per block, sent as bool bytes) are all-gathered first so each owner knows
-    what to send to whom; then only the selected blocks move.
-    """
-    counter = counter or CommCounter()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = needed_kv_blocks(block_mask, world)  # (B, H, W, nb)
-    everyone = all_gather_counted(mine.unsqueeze(0), group, counter, "attention")  # (W, B, H, W, nb)
-    need = everyone[:, :, :, rank].contiguous()  # (W, B, H, nb): what each rank needs from me
-    return _SparseKVExchange.apply(k, v, need, mine, group, counter, block_size)
-
-
-def dense_reference_attention(q, k, v, block_mask=None, block_size: int = 1):
-    """Exact attention, optionally restricted to selected (query block, kv block) pairs; for tests."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if block_mask is not None:
-        allowed = block_mask.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
-        s = s.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(s, -1), v)
-
-
 def analytic_bytes(mode: str, *, batch: int, heads: int, tokens: int, head_dim: int, world: int,
                    element_size: int, grad_element_size: int | None = None, backward: bool = True) -> int:
     """Bytes one rank sends for one self-attention call (forward [+ backward]) of a dense layer.
@@ -382,70 +201,41 @@ def analytic_bytes(mode: str, *, batch: int, heads: int, tokens: int, head_dim: 
     raise ValueError(f"mode must be one of {', '.join(CONTEXT_PARALLEL_MODES)}, got {mode!r}")
 
 
-# --- the `cp` objects the DiT calls ------------------------------------------------------------------------
-class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce (sum) of per-rank partials of a replicated loss; backward x world (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x, group, counter):
-        ctx.world = dist.get_world_size(group)
-        out = x.clone()
-        counter.add("attention", _allreduce_bytes(out, ctx.world))
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.world, None, None
-
-
-def _allreduce_bytes(t: torch.Tensor, world: int) -> int:
-    """Per-rank send volume of a ring all-reduce: reduce-scatter + all-gather, 2 (W-1)/W of the tensor."""
-    return _nbytes(t) * 2 * (world - 1) // world
-
-
-def rect_block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float):
-    """Exact block-sparse attention of local queries (B, H, n, D) over full-length keys/values (B, H, N, D).
-
-    block_mask (B, H, n/bs, N/bs): each query block gathers its selected key/value blocks, then SDPA with a
-    mask for rows that selected fewer blocks than the most (per-head top-k may differ).
-    """
-    B, H, n, D = q.shape
-    nq, nk = n // block_size, k.shape[2] // block_size
-    counts = block_mask.sum(-1)  # (B, H, nq)
-    kmax = int(counts.max())
-    chosen = torch.argsort(block_mask.to(torch.int8), dim=-1, descending=True, stable=True)[..., :kmax]
-    flat = (chosen + (torch.arange(B * H, device=q.device) * nk).view(B, H, 1, 1)).reshape(-1)
-    kb = k.reshape(B * H * nk, block_size, D).index_select(0, flat).view(B, H * nq, kmax * block_size, D)
-    vb = v.reshape(B * H * nk, block_size, D).index_select(0, flat).view(B, H * nq, kmax * block_size, D)
-    mask = None
-    if not bool((counts == kmax).all()):
-        slot_ok = torch.arange(kmax, device=q.device) < counts.unsqueeze(-1)  # (B, H, nq, kmax)
-        mask = slot_ok.repeat_interleave(block_size, -1).view(B, H * nq, 1, kmax * block_size)
-    out = F.scaled_dot_product_attention(q.reshape(B, H * nq, block_size, D), kb, vb, attn_mask=mask, scale=scale)
-    return out.view(B, H, n, D)
-
-
 def contiguous_heads(num_heads: int, world: int) -> list[list[int]]:
     """Heads split into `world` contiguous, near-equal runs (rank r gets the r-th run)."""
     bounds = [round(r * num_heads / world) for r in range(world + 1)]
     return [list(range(bounds[r], bounds[r + 1])) for r in range(world)]
 
 
-def _runs(heads: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted head indices -> contiguous (start, stop) runs."""
-    runs: list[tuple[int, int]] = []
-    for h in heads:
-        if runs and runs[-1][1] == h:
-            runs[-1] = (runs[-1][0], h + 1)
+def head_runs(heads: Sequence[int]) -> list[tuple[int, slice]]:
+    """A rank's head indices -> (first head, slice of the rank's local head dim) per run of consecutive heads."""
+    runs: list[tuple[int, slice]] = []
+    for i, h in enumerate(heads):
+        if runs and heads[i - 1] == h - 1:
+            start, local = runs[-1]
+            runs[-1] = (start, slice(local.start, i + 1))
         else:
-            runs.append((h, h + 1))
+            runs.append((h, slice(i, i + 1)))
     return runs
+
+
+def core_per_run(attn, qh, kh, vh, heads, before_each=None):
+    """The layer's own core on each run of this rank's heads (B, H_r, N, D) -> (B, H_r, N, D), and the
+    runs' estimator losses (DSV) weighted by their head counts; `before_each()` runs before every run."""
+    outs, losses = [], []
+    for start, local in head_runs(heads):
+        if before_each is not None:
+            before_each()
+        outs.append(attn.core(qh[:, local], kh[:, local], vh[:, local], head_offset=start))
+        loss = getattr(attn, "estimator_loss", None)
+        if loss is not None:
+            losses.append(loss * (local.stop - local.start))
+    return (torch.cat(outs, 1) if outs else qh), losses
 
 
 def dsv_head_work(attn, tokens: int) -> list[float]:
     """Dense-equivalent work of each head of a DSV layer: topk/n_kv_blocks (= 1 - sparsity) if sparse, else 1."""
-    nk = -(-tokens // attn.block_size)
+    nk = n_blocks(tokens, attn.block_size)
     sparse = attn.sparse_heads(nk)
     frac = attn.head_topk(nk).double() / nk
     return torch.where(sparse.cpu(), frac.cpu(), torch.ones_like(frac.cpu())).tolist()
@@ -489,7 +279,7 @@ class ContextParallel:
     @torch.no_grad()
     def broadcast_parameters(self, module) -> None:
         """Make every rank's weights and buffers rank 0's (not counted: once per run, not per step)."""
-        src = _peer(self.group, 0)
+        src = global_rank(self.group, 0)
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src, group=self.group)
 
@@ -504,7 +294,7 @@ class ContextParallel:
             by_dtype.setdefault(p.grad.dtype, []).append(p)
         for group in by_dtype.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group])
-            self.counter.add("grad_sync", _allreduce_bytes(flat, self.world))
+            self.counter.add("grad_sync", allreduce_bytes(flat, self.world))
             dist.all_reduce(flat, group=self.group)
             flat /= self.world
             offset = 0
@@ -519,21 +309,16 @@ class ContextParallel:
             totals = [a + b for a, b in zip(totals, work)]
         return totals
 
-    def _is_dsv(self, attn) -> bool:
-        return hasattr(attn, "sparse_heads") and hasattr(attn, "q_estimator")
-
 
 class UlyssesParallel(ContextParallel):
-    """Head-wise: all-to-all to (this rank's heads, all tokens), the layer's own core, all-to-all back.
-
-    Dense layers get contiguous near-equal head runs; DSV layers get heads placed longest-processing-time
-    first by their dense-equivalent work (1 - sparsity for sparse heads, 1 for dense ones).
-    """
+    """Head-wise: all-to-all to (this rank's heads, all tokens), the layer's own core, all-to-all back."""
 
     mode = "ulysses"
 
     def placement(self, attn, heads: int, tokens: int) -> list[list[int]]:
-        if self._is_dsv(attn):
+        """Dense layers: contiguous near-equal head runs. DSV layers: heads placed longest-processing-time
+        first by their dense-equivalent work (1 - sparsity for sparse heads, 1 for dense ones)."""
+        if isinstance(attn, DSVAttention):
             work = dsv_head_work(attn, tokens)
             placement = balance_heads(work, self.world)
         else:
@@ -542,32 +327,31 @@ class UlyssesParallel(ContextParallel):
         self.layer_work[id(attn)] = rank_work(placement, work)
         return placement
 
-    def attention(self, q, k, v, attn):
+    def attention(self, q, k, v, attn):  # (B, H, n, D) x3 local -> (B, H, n, D)
         H, N = q.shape[1], q.shape[2] * self.world
         placement = self.placement(attn, H, N)
-        if not self._is_dsv(attn):
+        if not isinstance(attn, DSVAttention):
             def local(qh, kh, vh, heads):
-                return _per_run(attn, qh, kh, vh, heads)
+                return core_per_run(attn, qh, kh, vh, heads)[0]
             return ulysses_attention(q, k, v, local, placement=placement, group=self.group, counter=self.counter)
         training = attn.training and torch.is_grad_enabled()
         updates = attn.profile_updates.clone()
+        attn.estimator_loss = None  # a rank without heads runs no core to reset it
 
         def local(qh, kh, vh, heads):
-            # every head run sees the RNG state and profile counter one single-process call would see
             state = _rng_state(qh.device)
-            outs, losses = [], []
-            for start, stop in _runs(heads):
+
+            def replay():  # every run sees the RNG state and profile counter one single-process call would see
                 _set_rng_state(qh.device, state)
                 attn.profile_updates.copy_(updates)
-                sl = slice(heads.index(start), heads.index(start) + stop - start)
-                outs.append(attn.core(qh[:, sl], kh[:, sl], vh[:, sl], head_offset=start))
-                if attn.estimator_loss is not None:
-                    losses.append(attn.estimator_loss * (stop - start))
+
+            out, losses = core_per_run(attn, qh, kh, vh, heads, replay)
+            attn.last_sparse_heads = attn.sparse_heads(n_blocks(N, attn.block_size))  # all heads, not the last run's
             if training:
                 _set_rng_state(qh.device, state)
                 torch.randperm(N, device=qh.device)  # advance the RNG exactly as the single-process core did
                 self._finish_dsv_ulysses(attn, placement, losses, H)
-            return torch.cat(outs, 1) if outs else qh
+            return out
 
         return ulysses_attention(q, k, v, local, placement=placement, group=self.group, counter=self.counter)
 
@@ -580,20 +364,9 @@ class UlyssesParallel(ContextParallel):
         # this rank's share of the all-heads mean (fp32 on every rank, also one without heads)
         local = (torch.stack(losses).sum() / H if losses else attn.q_estimator.sum() * 0).float()
         total = local.detach().clone()
-        self.counter.add("attention", _allreduce_bytes(total, self.world))
+        self.counter.add("attention", allreduce_bytes(total, self.world))
         dist.all_reduce(total, group=self.group)
         attn.estimator_loss = total + self.world * (local - local.detach())  # value: all heads; grad: world x share
-
-
-def _per_run(attn, qh, kh, vh, heads):
-    """The layer's own core on each contiguous run of this rank's heads (head_offset names the run)."""
-    if not heads:
-        return qh
-    outs = []
-    for start, stop in _runs(heads):
-        sl = slice(heads.index(start), heads.index(start) + stop - start)
-        outs.append(attn.core(qh[:, sl], kh[:, sl], vh[:, sl], head_offset=start))
-    return torch.cat(outs, 1)
 
 
 def _rng_state(device):
@@ -607,105 +380,10 @@ def _set_rng_state(device, state):
         torch.set_rng_state(state)
 
 
-class RingParallel(ContextParallel):
-    """Sequence-wise: queries stay; dense layers pass k/v around the ring; DSV layers fetch only the k/v
-    blocks some local query block selected (low-rank key estimates all-gathered so selection is global)."""
-
-    mode = "ring"
-
-    def attention(self, q, k, v, attn):
-        if self._is_dsv(attn):
-            return self._dsv_attention(q, k, v, attn)
-        if type(attn).__name__ != "FullAttention":
-            raise ValueError(f"ring context parallelism supports full and DSV self-attention, not "
-                             f"{type(attn).__name__}; use ulysses")
-        self.layer_work[id(attn)] = [q.shape[1] / self.world] * self.world
-        return ring_attention(q, k, v, group=self.group, counter=self.counter)
-
-    def _dsv_attention(self, q, k, v, attn):
-        B, H, n, D = q.shape
-        N, bs, scale = n * self.world, attn.block_size, D ** -0.5
-        if n % bs:
-            raise ValueError(f"ring context parallelism with DSV needs the tokens per rank ({n}) to be a "
-                             f"multiple of block_size ({bs}); change frames/resolution or --set block_size")
-        nk = N // bs
-        sparse = attn.sparse_heads(nk)
-        training = attn.training and torch.is_grad_enabled()
-        heads = slice(0, H)
-        q_est = k_est = None
-        if training or bool(sparse.any()):
-            q_est, k_est = attn.estimate(q, k, heads)  # local tokens: (B, H, n, r)
-        attn.estimator_loss = self._estimator_loss(attn, q, k, k_est, profile=not attn.sparse_active) \
-            if training else None
-        work = dsv_head_work(attn, N)
-        self.layer_work[id(attn)] = [sum(work) / self.world] * self.world
-        sel, rest = sparse.nonzero().squeeze(1), (~sparse).nonzero().squeeze(1)
-        outs = []
-        if len(sel):
-            with torch.no_grad():
-                k_est_all = all_gather_counted(k_est[:, sel].detach(), self.group, self.counter, "attention", dim=2)
-                scores = estimate_block_scores(q_est[:, sel], k_est_all, bs, scale)
-                mask = select_blocks(scores, attn.head_topk(nk)[sel])  # (B, Hs, n/bs, nk)
-            k_full, v_full = sparse_kv_exchange(k[:, sel], v[:, sel], mask, bs, group=self.group,
-                                                counter=self.counter)
-            outs.append(rect_block_sparse_attention(q[:, sel], k_full, v_full, mask, bs, scale))
-        if len(rest):
-            outs.append(ring_attention(q[:, rest], k[:, rest], v[:, rest], group=self.group, counter=self.counter))
-        out = torch.cat(outs, 1)
-        if len(sel) and len(rest):
-            out = out[:, torch.argsort(torch.cat([sel, rest]))]  # back to head order
-        attn._last = {"q": q.detach()[:1], "k": k.detach()[:1], "v": v.detach()[:1], "heads": heads,
-                      "sparse": sparse.detach()}  # stats() then describe this rank's token shard
-        return out
-
-    def _estimator_loss(self, attn, q, k, k_est, profile: bool):
-        """DSV's estimator loss (and stage-1 profile) on sampled queries, from per-rank partial sums over keys.
-
-        The sampled query rows (small) are shared; each rank scores them against its own keys; the row sums
-        the loss needs (dot, |est|^2, |true|^2) and the softmax statistics are all-reduced, so no keys move.
-        """
-        B, H, n, D = q.shape
-        N = n * self.world
-        idx = torch.randperm(N, device=q.device)[: attn.estimator_samples]  # the same draw as one process
-        owned = (idx >= self.rank * n) & (idx < (self.rank + 1) * n)
-        rows = q.new_zeros(B, H, idx.numel(), D)
-        rows[:, :, owned] = q.detach()[:, :, idx[owned] - self.rank * n]
-        self.counter.add("attention", _allreduce_bytes(rows, self.world))
-        dist.all_reduce(rows, group=self.group)  # (B, H, S, D): every sampled query on every rank
-        q_est_rows = torch.einsum("bhnd,hdr->bhnr", rows, attn.q_estimator)
-        true = (rows @ k.detach().transpose(-1, -2)).float()  # (B, H, S, n)
-        est = (q_est_rows @ k_est.transpose(-1, -2)).float()  # (B, H, S, n)
-        sums = torch.stack([(est * true).sum(-1), est.pow(2).sum(-1), true.pow(2).sum(-1)])  # (3, B, H, S)
-        dot, ee, tt = _SumAcrossRanks.apply(sums, self.group, self.counter)
-        cosine = dot / torch.sqrt(torch.clamp_min(ee * tt, 1e-8 ** 2))  # F.cosine_similarity's eps
-        ratio = ee.sqrt() / tt.sqrt().clamp_min(1e-6)
-        loss = (1 - cosine).mean() + (ratio - 1).pow(2).mean()
-        if profile:
-            self._profile(attn, true.detach() * D ** -0.5, N)
-        return loss
-
-    @torch.no_grad()
-    def _profile(self, attn, logits, N):
-        """Stage-1 sparsity profile: blocks holding `mass_coverage` of each sampled row's softmax mass."""
-        bs = attn.block_size
-        peak = logits.amax(-1)
-        self.counter.add("attention", _allreduce_bytes(peak, self.world))
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
-        e = torch.exp(logits - peak.unsqueeze(-1))
-        total = e.sum(-1)
-        self.counter.add("attention", _allreduce_bytes(total, self.world))
-        dist.all_reduce(total, group=self.group)
-        mass = (e / total.unsqueeze(-1)).unflatten(-1, (-1, bs)).sum(-1)  # (B, H, S, n/bs)
-        mass = all_gather_counted(mass, self.group, self.counter, "attention", dim=-1)  # (B, H, S, N/bs)
-        needed = blocks_to_cover(mass, 1, attn.mass_coverage)
-        sparsity = (1 - needed.float() / (N // bs)).mean((0, 2))  # (H,)
-        m = attn.profile_momentum if int(attn.profile_updates) > 0 else 0.0
-        attn.profiled_sparsity.copy_(m * attn.profiled_sparsity + (1 - m) * sparsity)
-        attn.profile_updates += 1
-
-
 def make_context_parallel(mode: str, group=None, counter: CommCounter | None = None) -> ContextParallel:
     """'ulysses' (head-wise) or 'ring' (sequence-wise) over `group` (default: the whole world)."""
+    from .ring import RingParallel  # ring builds on this module's collectives
+
     classes = {"ulysses": UlyssesParallel, "ring": RingParallel}
     if mode not in classes:
         raise ValueError(f"context parallel mode must be one of {', '.join(CONTEXT_PARALLEL_MODES)}, got {mode!r}")

@@ -24,6 +24,11 @@ def _pad_tokens(x, block_size: int):  # (B, H, N, D) -> (B, H, Np, D), Np a mult
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def block_sums(x, block_size: int):  # (..., N) -> (..., ceil(N / block_size)): the sum over each key block
+    nk = n_blocks(x.shape[-1], block_size)
+    return F.pad(x, (0, nk * block_size - x.shape[-1])).unflatten(-1, (nk, block_size)).sum(-1)
+
+
 def estimate_block_scores(q_est, k_est, block_size: int, scale: float):  # -> (B, H, nQ, nK)
     """Estimated attention mass of each key block for each query block, from low-rank q_est, k_est (B, H, N, r).
 
@@ -31,13 +36,12 @@ def estimate_block_scores(q_est, k_est, block_size: int, scale: float):  # -> (B
     the softmax over all keys is then summed within each key block. Rows sum to 1.
     """
     B, H, N, _ = q_est.shape
-    nq, nk = n_blocks(N, block_size), n_blocks(k_est.shape[-2], block_size)
+    nq = n_blocks(N, block_size)
     counts = torch.full((nq,), block_size, dtype=q_est.dtype, device=q_est.device)
     counts[-1] = N - (nq - 1) * block_size
     pooled = _pad_tokens(q_est, block_size).view(B, H, nq, block_size, -1).sum(3) / counts[:, None]  # (B,H,nQ,r)
     probs = torch.softmax((pooled @ k_est.transpose(-1, -2)).float() * scale, dim=-1)  # (B, H, nQ, Nk)
-    probs = F.pad(probs, (0, nk * block_size - k_est.shape[-2]))
-    return probs.view(B, H, nq, nk, block_size).sum(-1)  # (B, H, nQ, nK)
+    return block_sums(probs, block_size)  # (B, H, nQ, nK)
 
 
 def select_blocks(scores, topk) -> torch.Tensor:  # (B, H, nQ, nK) -> bool (B, H, nQ, nK)
@@ -66,12 +70,14 @@ def gather_block_sparse_attention(q, k, v, block_mask, block_size: int, seq_len:
                                   recompute: bool = False):
     """Exact block-sparse attention by gathering each query block's key/value blocks (any device).
 
+    q (B, H, nQ*bs, D), k and v (B, H, nK*bs, D), block_mask (B, H, nQ, nK); keys from `seq_len` on are
+    padding. Queries may be a shard of the keys' sequence (ring context parallelism).
     On CPU the query blocks go in chunks: one large gathered buffer is a fresh mmap (page faults) every
     step, small ones come from the allocator's heap, which makes the gather several times faster.
     recompute: keep only q, k, v for backward (not the gathered copies), at the cost of a second forward.
     """
-    B, H, Np, D = q.shape
-    nq = nk = Np // block_size
+    B, H, Nq, D = q.shape
+    nq, nk = Nq // block_size, k.shape[-2] // block_size
     rows = B * H * nq
     counts = block_mask.sum(-1).view(rows)  # key blocks per query block
     kmax = int(counts.max())
@@ -79,20 +85,21 @@ def gather_block_sparse_attention(q, k, v, block_mask, block_size: int, seq_len:
     order = order.reshape(rows, kmax)
     flat = order + (torch.arange(B * H, device=q.device) * nk).repeat_interleave(nq)[:, None]  # (rows, kmax)
     mask = None
-    if Np != seq_len or not bool((counts == kmax).all()):  # ragged rows or padded keys need a mask
+    if k.shape[-2] != seq_len or not bool((counts == kmax).all()):  # ragged rows or padded keys need a mask
         slot_ok = torch.arange(kmax, device=q.device) < counts[:, None]  # (rows, kmax)
         token = order[..., None] * block_size + torch.arange(block_size, device=q.device)  # (rows, kmax, bs)
         mask = (slot_ok[..., None] & (token < seq_len)).view(rows, 1, kmax * block_size)
     step = max(1, CPU_CHUNK_ELEMENTS // (kmax * block_size * D)) if q.device.type == "cpu" else rows
     out = _ChunkedGatherAttention.apply(q.reshape(rows, block_size, D), k.reshape(B * H * nk, block_size, D),
                                         v.reshape(B * H * nk, block_size, D), flat, mask, scale, step, recompute)
-    return out.view(B, H, Np, D)
+    return out.view(B, H, Nq, D)
 
 
 class _ChunkedGatherAttention(torch.autograd.Function):
-    """SDPA of query-block chunks on their gathered key/value blocks; backward accumulates the gathered
-    gradients into one dk/dv (per-chunk autograd would allocate a full-size zero gradient per chunk).
-    With `recompute`, the gathered blocks are not kept for backward but gathered and attended again."""
+    """SDPA of query-block chunks on their gathered key/value blocks, accumulating one dk/dv in backward."""
+
+    # Per-chunk autograd would allocate a full-size zero gradient per chunk, hence the hand-written backward.
+    # With `recompute`, the gathered blocks are not kept for backward but gathered and attended again.
 
     @staticmethod
     def _chunk(q, k, v, flat, mask, scale, r, step):  # -> leaves (qb, kb, vb), out (1, rows', bs, D)
@@ -123,8 +130,10 @@ class _ChunkedGatherAttention(torch.autograd.Function):
     def backward(ctx, grad):  # (rows, bs, D)
         (q_shape, kv_shape), (mask, scale, step, recompute) = ctx.shapes, ctx.args
         dq = torch.empty(q_shape, dtype=grad.dtype, device=grad.device)
-        dk = torch.zeros(kv_shape, dtype=grad.dtype, device=grad.device)
-        dv = torch.zeros(kv_shape, dtype=grad.dtype, device=grad.device)
+        # a key/value block collects one gradient per query block that selected it: sum bf16/fp16 in fp32
+        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+        dk = torch.zeros(kv_shape, dtype=acc, device=grad.device)
+        dv = torch.zeros(kv_shape, dtype=acc, device=grad.device)
         if recompute:
             q, k, v, flat = ctx.saved_tensors
         for i, r in enumerate(range(0, q_shape[0], step)):
@@ -136,10 +145,10 @@ class _ChunkedGatherAttention(torch.autograd.Function):
             n = leaves[0].shape[1]
             gq, gk, gv = torch.autograd.grad(out, leaves, grad[r:r + n].unsqueeze(0))
             dq[r:r + n] = gq[0]
-            dk.index_add_(0, idx, gk.reshape(-1, *kv_shape[1:]))
-            dv.index_add_(0, idx, gv.reshape(-1, *kv_shape[1:]))
+            dk.index_add_(0, idx, gk.reshape(-1, *kv_shape[1:]).to(acc))
+            dv.index_add_(0, idx, gv.reshape(-1, *kv_shape[1:]).to(acc))
         ctx.pieces = None
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk.to(grad.dtype), dv.to(grad.dtype), None, None, None, None, None
 
 
 def block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float | None = None,
@@ -156,6 +165,8 @@ def block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float | 
     if use_flex:
         try:
             return flex_attention_with_fallback(q, k, v, block_mask, block_size, scale, _gather_unpadded)
+        except torch.OutOfMemoryError:
+            raise  # a measurement (status oom), not a broken kernel
         except Exception as error:  # an unsupported shape or kernel on this GPU: never crash, fall back
             if backend == "flex":
                 raise
@@ -171,9 +182,7 @@ def _gather_unpadded(q, k, v, block_mask, block_size: int, scale: float, recompu
 
 def blocks_to_cover(probs, block_size: int, coverage: float):  # (..., N) -> (...,) int blocks needed
     """How many of the largest key blocks hold `coverage` of each row's attention mass."""
-    nk = n_blocks(probs.shape[-1], block_size)
-    mass = F.pad(probs, (0, nk * block_size - probs.shape[-1])).unflatten(-1, (nk, block_size)).sum(-1)
-    cum = mass.sort(dim=-1, descending=True).values.cumsum(-1)
+    cum = block_sums(probs, block_size).sort(dim=-1, descending=True).values.cumsum(-1)
     return (cum < coverage).sum(-1) + 1
 
 
@@ -261,12 +270,15 @@ class DSVAttention(SelfAttention):
         if profile:
             with torch.no_grad():
                 needed = blocks_to_cover(torch.softmax(true32 * D ** -0.5, -1), self.block_size, self.mass_coverage)
-                sparsity = (1 - needed.float() / n_blocks(N, self.block_size)).mean((0, 2))  # (H,)
-                old = self.profiled_sparsity[heads]
-                m = self.profile_momentum if int(self.profile_updates) > 0 else 0.0
-                self.profiled_sparsity[heads] = m * old + (1 - m) * sparsity
-                self.profile_updates += 1
+                self.update_profile((1 - needed.float() / n_blocks(N, self.block_size)).mean((0, 2)), heads)
         return loss
+
+    @torch.no_grad()
+    def update_profile(self, sparsity, heads: slice = slice(None)) -> None:
+        """Fold one stage-1 measurement of the heads' sparsity (H,) into the profile (momentum after the first)."""
+        m = self.profile_momentum if int(self.profile_updates) > 0 else 0.0
+        self.profiled_sparsity[heads] = m * self.profiled_sparsity[heads] + (1 - m) * sparsity
+        self.profile_updates += 1
 
     @torch.no_grad()
     def stats(self, query_blocks: int = 8) -> dict | None:
@@ -281,19 +293,20 @@ class DSVAttention(SelfAttention):
         chosen = torch.where(sparse, 1 - topk.float() / nk, torch.zeros_like(topk, dtype=torch.float))
         q_est, k_est = self.estimate(q, k, heads)
         est_mask = select_blocks(estimate_block_scores(q_est, k_est, bs, scale), topk)  # (1, H, nQ, nK)
-        picked = torch.randperm(n_blocks(N, bs), device=q.device)[:query_blocks].sort().values
+        sampler = torch.Generator(device=q.device).manual_seed(0)  # fixed: measuring leaves the training RNG alone
+        picked = torch.randperm(nk, generator=sampler, device=q.device)[:query_blocks].sort().values
         rows = (picked[:, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)
         rows = rows[rows < N]
-        probs = torch.softmax((q[:, :, rows] @ k.transpose(-1, -2)).float() * scale, -1)  # (1, H, R, N)
+        logits = (q[:, :, rows] @ k.transpose(-1, -2)).float() * scale  # (1, H, R, N)
+        probs = torch.softmax(logits, -1)
         block_of_row = torch.searchsorted(picked, rows // bs)
-        mass = F.pad(probs, (0, nk * bs - N)).unflatten(-1, (nk, bs)).sum(-1)  # (1, H, R, nK)
+        mass = block_sums(probs, bs)  # (1, H, R, nK)
         row_mask = est_mask[:, :, picked][:, :, block_of_row]  # (1, H, R, nK)
         oracle = select_blocks(mass, topk)
         recall = ((mass * row_mask).sum(-1) / (mass * oracle).sum(-1).clamp_min(1e-12)).mean()
-        dense = probs @ v.float()  # (1, H, R, D)
+        dense = probs @ v  # (1, H, R, D)
         token_mask = row_mask.repeat_interleave(bs, -1)[..., :N]
-        logits = (q[:, :, rows] @ k.transpose(-1, -2)).float() * scale
-        restricted = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), -1) @ v.float()
+        restricted = torch.softmax(logits.masked_fill(~token_mask, float("-inf")), -1) @ v
         actual = torch.where(sparse.view(1, H, 1, 1), restricted, dense)
         rel_error = (actual - dense).norm() / dense.norm().clamp_min(1e-12)
         return {"sparsity": float(chosen.mean()), "recall": float(recall), "sparse_heads": int(sparse.sum()),

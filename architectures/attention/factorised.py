@@ -39,14 +39,12 @@ class TemporalAttention(SelfAttention):
 
 
 class ParallelSpatialTemporal(nn.Module):
-    """Spatial and temporal attention read the same input, outputs summed (Mobius's parallel idea in a DiT).
-
-    The temporal branch's output projection starts at zero, so a fresh model equals the image DiT.
-    """
+    """Spatial and temporal attention read the same input, outputs summed (Mobius's parallel idea in a DiT)."""
 
     def __init__(self, dim, heads, head_dim):
         super().__init__()
         self.spatial = SpatialAttention(dim, heads, head_dim)
+        # the temporal output projection starts at zero, so a fresh model equals the image DiT
         self.temporal = TemporalAttention(dim, heads, head_dim, zero_out=True)
 
     def forward(self, x, grid, cp=None):  # (B, N, C) -> (B, N, C)

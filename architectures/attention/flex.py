@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 FLEX_BLOCK = 128  # BlockMask block size: a multiple of every default kernel tile
+# Compiles are static per shape, and DSV layers differ in how many heads go sparse: a sweep meets many
+# (batch, heads, tokens, grad mode) combinations, more than dynamo's default limit of 8 per function.
+FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
 _flex_broken: str | None = None  # set once when FlexAttention fails on this machine; callers fall back
 
@@ -35,13 +38,24 @@ def flex_supports(block_size: int) -> bool:
 
 
 def compiled_flex_attention():
-    """flex_attention under torch.compile, compiled once per process (new shapes recompile)."""
+    """flex_attention under torch.compile, compiled once per process (new shapes recompile).
+
+    fullgraph: a graph break or the recompile limit raises (and the caller falls back to the gather path
+    with a warning) instead of silently running FlexAttention's unfused eager reference.
+    """
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     return _compiled_flex
+
+
+def _recompile_room():
+    """A dynamo config patch raising the per-function recompile limit to FLEX_RECOMPILE_LIMIT (never lowering it)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    return config.patch(**{name: max(FLEX_RECOMPILE_LIMIT, getattr(config, name))})
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -81,10 +95,14 @@ def flex_block_sparse_attention(q, k, v, block_mask, block_size: int, scale: flo
     flex_block = max(block_size, FLEX_BLOCK)
     padded = -(-N // flex_block) * flex_block
     dp = padded_head_dim(head_dim)
-    # zero head-dim columns change no score; padded value columns and padded tokens are sliced off
-    q, k, v = (F.pad(t, (0, dp - head_dim, 0, padded - N)) for t in (q, k, v))
+    if dp != head_dim or padded != N:
+        # zero head-dim columns change no score; padded value columns and padded tokens are sliced off
+        q, k, v = (F.pad(t, (0, dp - head_dim, 0, padded - N)) for t in (q, k, v))  # (B, H, padded, dp)
+    else:  # contiguous either way: the compiled kernel guards on strides, one layout means one compile per shape
+        q, k, v = (t.contiguous() for t in (q, k, v))
     mask = to_flex_block_mask(block_mask, block_size, N, padded)
-    out = compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)
+    with _recompile_room():
+        out = compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)  # (B, H, padded, dp)
     return out[..., :N, :head_dim]
 
 
@@ -94,8 +112,9 @@ def flex_attention_with_fallback(q, k, v, block_mask, block_size: int, scale: fl
 
 
 class FlexWithFallback(torch.autograd.Function):
-    """FlexAttention forward and backward; if its backward kernel fails to build, the gradients come from
-    the gather implementation instead (a compile error in backward would otherwise end the run)."""
+    """FlexAttention forward and backward, with the gather path's gradients if its backward fails to build."""
+
+    # the backward kernel compiles at the first backward: a compile error there would otherwise end the run
 
     @staticmethod
     def forward(ctx, q, k, v, block_mask, block_size, scale, fallback):
@@ -112,6 +131,8 @@ class FlexWithFallback(torch.autograd.Function):
         wanted = [t for t in leaves if t.requires_grad]
         try:
             grads = iter(torch.autograd.grad(out, wanted, grad))
+        except torch.OutOfMemoryError:
+            raise  # a measurement (status oom), not a broken kernel
         except Exception as error:  # noqa: BLE001 - any kernel build failure: recompute on the gather path
             mark_flex_broken(error)
             block_mask, block_size, scale, fallback = ctx.rest

@@ -12,13 +12,11 @@ def dense_attention(q, k, v, attn_mask=None, scale=None):  # (B, H, N, D) x3 -> 
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over video tokens; subclasses supply `core(q, k, v)`.
+    """Multi-head self-attention over video tokens (B, N, C), N = F*h*w in (frame, row, col) order."""
 
-    Tokens are (B, N, C) with N = F*h*w in (frame, row, col) order. `forward` projects to q, k, v of
-    shape (B, H, N, D) and calls `core` (or, under context parallelism, `cp.attention(q, k, v, self)`,
-    which may call `self.core` on gathered tokens and a slice of the heads: `head_offset` says which).
-    `self.grid` holds the full (un-sharded) token grid (F, h, w) of the current forward.
-    """
+    # Subclasses supply `core(q, k, v)` on (B, H, N, D). Under context parallelism `cp.attention(q, k, v, self)`
+    # runs instead and may call `self.core` on gathered tokens and a slice of the heads (`head_offset` says
+    # which). `self.grid` holds the full (un-sharded) token grid (F, h, w) of the current forward.
 
     def __init__(self, dim: int, heads: int, head_dim: int, zero_out: bool = False):
         super().__init__()

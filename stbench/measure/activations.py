@@ -13,12 +13,11 @@ def _storage_key(t: torch.Tensor):
 
 
 class SavedTensorCounter(contextlib.AbstractContextManager):
-    """Counts tensors autograd saves for backward inside the block, by storage (a shared storage counts once).
+    """Counts tensors autograd saves for backward inside the block, by storage (a shared storage counts once)."""
 
-    `region_bytes` splits the total by the innermost `SavedTensorCounter.region(name)` open at save time,
-    so a model can be asked how much its spatial or temporal layers saved. Parameters are excluded:
-    they are held anyway, saving them costs no activation memory.
-    """
+    # `region_bytes` splits the total by the innermost `region(name)` open at save time, so a model can be
+    # asked how much its spatial or temporal layers saved. Parameters are excluded (`exclude_parameters`):
+    # they are held anyway, so saving them costs no activation memory.
 
     def __init__(self):
         self.total_bytes = 0

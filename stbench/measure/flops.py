@@ -25,12 +25,12 @@ _count_cpu_flash_attention()
 # Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' datasheets: (name pattern, bf16/fp16 tensor core,
 # fp32 without TF32). First match wins, so specific names come before general ones. fp16 uses the bf16 column.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    (r"GH200", 989.4, 66.9),  # before H200, which its name contains
     (r"H200 NVL", 835.5, 60.0),
     (r"H200", 989.4, 66.9),
     (r"H100 NVL", 835.5, 60.0),
     (r"H100.*PCIe", 756.5, 51.2),
     (r"H100", 989.4, 66.9),  # SXM5 (get_device_name: "NVIDIA H100 80GB HBM3")
-    (r"GH200", 989.4, 66.9),
     (r"A100", 312.0, 19.5),
     (r"L40S", 362.05, 91.6),
     (r"L40\b", 181.05, 90.5),
@@ -57,6 +57,11 @@ def device_peak_tflops(device: str | torch.device, dtype: str) -> float | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return peak_tflops(torch.cuda.get_device_name(device), dtype)
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 convolutions or matmuls may run on TF32 tensor cores (cuDNN allows it by default)."""
+    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -53,6 +53,20 @@ def allocator_peaks(device: str | torch.device) -> tuple[int | None, int | None]
     return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
 
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """Out of memory, also when wrapped (torch.compile re-raises errors from inside its backends)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        # the CPU allocator reports exhaustion as a plain RuntimeError
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def release_memory() -> None:
     """Give cached blocks back after a case (and after an OOM) so the next case starts clean."""
     import gc

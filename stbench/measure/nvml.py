@@ -29,18 +29,26 @@ def _init() -> bool:
 
 
 def device_handle(device: str | torch.device):
-    """The NVML handle of a torch CUDA device, matched by UUID (CUDA_VISIBLE_DEVICES renumbers devices)."""
+    """The NVML handle of a torch CUDA device, matched by UUID.
+
+    CUDA's device numbers are not NVML's: CUDA_VISIBLE_DEVICES renumbers, and CUDA orders fastest first
+    where NVML orders by PCI bus. So the index is a fallback only where neither applies.
+    """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or not _init():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
-    for candidate in (uuid, f"GPU-{uuid}"):
-        if candidate:
+    if uuid:  # torch prints the bare UUID; NVML wants it prefixed (GPU-... or, for a MIG slice, MIG-...)
+        for candidate in (uuid, f"GPU-{uuid}", f"MIG-{uuid}"):
             try:
                 return pynvml.nvmlDeviceGetHandleByUUID(candidate)
             except Exception:
                 pass
+    renumbered = bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    same_order = torch.cuda.device_count() == 1 or os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+    if renumbered or not same_order:
+        return None  # an index could name another GPU: better no NVML figures than wrong ones
     try:
         return pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception:
@@ -81,11 +89,10 @@ def device_used_bytes(handle) -> int | None:
 
 
 class NvmlSampler:
-    """Context manager: a daemon thread samples process and device used memory every `period_s` seconds.
+    """Context manager: a daemon thread samples process and device used memory every `period_s` seconds."""
 
-    After the block: `peak_process`, `peak_device` (bytes or None), `baseline_process`/`baseline_device`
-    (read on entry: for a fresh process the CUDA context and loaded kernels) and `samples` (count).
-    """
+    # After the block: `peak_process`, `peak_device` (bytes or None), `baseline_process`/`baseline_device`
+    # (read on entry: for a fresh process the CUDA context and loaded kernels) and `samples` (count).
 
     def __init__(self, device: str | torch.device, period_s: float = 0.005):
         self.period_s = period_s

@@ -13,8 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from .render import render_report  # noqa: local so `--help` and usage errors stay fast
-
     out = render_report(args.run, args.output, baseline=args.baseline, title=args.title)
     print(f"report written to {out}")
     return 0
@@ -22,6 +20,6 @@ def execute(args: argparse.Namespace) -> int:
 
 def render_report(run, output=None, *, baseline=None, title=None):
     """Render the report of `run` into `output` (default RUN/report.html); returns the path written."""
-    from .render import render_report as _render
+    from .render import render_report as _render  # noqa: local so `--help` and usage errors stay fast
 
     return _render(run, output, baseline=baseline, title=title)

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from .verdict import config_label  # noqa: E402
+from .verdict import config_label, settings_label  # noqa: E402
 
 MIB = 2**20
 GROUP_FIELDS = ("preset", "mode", "dtype", "device", "compile", "world_size")
@@ -65,12 +65,7 @@ def groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
     for r in records:
         by_group[tuple(str(r.get(f)) for f in GROUP_FIELDS)].append(r)
     ordered = sorted(by_group.values(), key=len, reverse=True)[:MAX_GROUPS]
-    return [(_group_label(rs[0]), rs) for rs in ordered]
-
-
-def _group_label(r: dict) -> str:
-    return f"{r['preset']} preset, {r['mode']} mode, {r['dtype']} on {r['device']}" + (
-        ", compiled" if r.get("compile") else "")
+    return [(settings_label(rs[0]), rs) for rs in ordered]
 
 
 def memory_field(records: list[dict]) -> tuple[str, str]:
@@ -249,4 +244,4 @@ def oom_frontier(records: list[dict], label: str) -> tuple[Figure | None, list[d
     return Figure(f"OOM frontier ({label})",
                   f"Largest frame count measured without running out of memory at batch {batch} (0: none fit). "
                   "The frontier is only as fine as the sweep's frame grid.",
-                  to_data_uri(fig), "line chart of the largest frame count that fits per resolution"), table
+                  to_data_uri(fig), "bar chart of the largest frame count that fit per resolution"), table

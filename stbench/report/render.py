@@ -12,15 +12,13 @@ import jinja2
 from .. import results
 from ..errors import UserError
 from ..trace import SUMMARY_FILE, load_summary
+from ..units import format_bytes
 from . import figures, verdict
 
-RUN_FILE = "run.json"
 TRACES_DIR = "traces"
 REPORT_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"
 ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
-REQUIRED_TEXT = ("arch", "preset", "mode", "dtype", "device", "status")
-REQUIRED_INT = ("batch", "frames", "resolution")
 RECORD_COLUMNS = ("arch", "preset", "mode", "resolution", "frames", "batch", "dtype", "device", "status")
 
 
@@ -36,23 +34,9 @@ def run_folder(run: str | os.PathLike) -> Path:
     return path.parent
 
 
-def check_records(run, records: list[dict]) -> None:
-    """The fields the report relies on must be present and typed; anything else may be missing (null)."""
-    for number, record in enumerate(records, 1):
-        for name in REQUIRED_TEXT + REQUIRED_INT:
-            value = record.get(name)
-            kind = int if name in REQUIRED_INT else str
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise UserError(f"{results.results_path(run)}: record {number} has no valid {name!r} "
-                                f"(got {value!r}; malformed results file)")
-        if record["status"] not in results.STATUSES:
-            raise UserError(f"{results.results_path(run)}: record {number} has status {record['status']!r}; "
-                            f"legal: {', '.join(results.STATUSES)}")
-
-
 def read_run_info(folder: Path) -> dict:
     """run.json written by the runner; {} when absent (a bare results file); a malformed one is an error."""
-    path = folder / RUN_FILE
+    path = folder / results.RUN_FILE
     if not path.exists():
         return {}
     try:
@@ -65,12 +49,12 @@ def read_run_info(folder: Path) -> dict:
 
 
 def find_traces(folder: Path, records: list[dict]) -> list[dict]:
-    """Trace folders of the run: one per case that has RUN/traces/<case_slug>/ (or a summary in its record)."""
+    """Trace folders of the run: one per case that has RUN/traces/<case_slug>/, then folders of no record."""
     traces, seen = [], set()
     for record in records:
         slug = results.case_slug(record)
         trace_dir = folder / TRACES_DIR / slug
-        summary = load_summary(trace_dir) or (record.get("trace") if isinstance(record.get("trace"), dict) else None)
+        summary = load_summary(trace_dir)
         files = sorted(p.name for p in trace_dir.glob("*.pt.trace.json*")) if trace_dir.is_dir() else []
         if summary is None and not files:
             continue
@@ -109,12 +93,7 @@ def fmt_ms(value) -> str:
 
 
 def fmt_bytes(value) -> str:
-    if value is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value} B"
+    return "—" if value is None else format_bytes(value)
 
 
 def fmt_pct(value, signed: bool = False) -> str:
@@ -156,7 +135,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
                   title: str | None = None) -> dict:
     folder = run_folder(run)
     all_records = results.read_records(run)
-    check_records(run, all_records)
+    results.check_records(run, all_records)
     records = verdict.latest_per_case(all_records)
     info = read_run_info(folder)
     traces = find_traces(folder, records)
@@ -177,7 +156,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
     if baseline is not None:
         run_folder(baseline)
         baseline_records = results.read_records(baseline)
-        check_records(baseline, baseline_records)
+        results.check_records(baseline, baseline_records)
         rows, only_current, only_baseline = verdict.baseline_deltas(records, baseline_records)
         base = {"path": str(baseline), "rows": rows, "only_current": only_current, "only_baseline": only_baseline}
 

@@ -1,0 +1,308 @@
+"""Sequence-wise (ring) context parallelism: dense ring attention and DSV's sparse key/value exchange.
+
+Each rank keeps its queries. Dense heads pass key/value chunks around the ring and merge partial softmax
+results by log-sum-exp; DSV's sparse heads fetch only the key/value blocks some local query block selected.
+The `cp` protocol and byte counting are in `context_parallel`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .context_parallel import (CommCounter, ContextParallel, all_gather_counted, all_to_all_rows, allreduce_bytes,
+                               dsv_head_work, global_rank, nbytes)
+from .dsv import (DSVAttention, block_sums, blocks_to_cover, estimate_block_scores, gather_block_sparse_attention,
+                  select_blocks)
+from .full import FullAttention
+
+
+def _ring_shift(t: torch.Tensor, group, counter, kind: str):
+    """Start sending `t` to the next rank and receiving the previous rank's into a new buffer."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    t = t.contiguous()
+    buf = torch.empty_like(t)
+    counter.add(kind, nbytes(t))
+    ops = [dist.P2POp(dist.isend, t, global_rank(group, (rank + 1) % world), group=group),
+           dist.P2POp(dist.irecv, buf, global_rank(group, (rank - 1) % world), group=group)]
+    return buf, dist.batch_isend_irecv(ops)
+
+
+def _wait(pending) -> None:
+    for req in pending:
+        req.wait()
+
+
+def _shift_now(t: torch.Tensor, group, counter) -> torch.Tensor:
+    buf, pending = _ring_shift(t, group, counter, "attention")
+    _wait(pending)
+    return buf
+
+
+# --- ring attention (dense) ---------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def chunk_attention(q, k, v, scale: float):
+    """Attention of q on one key/value chunk: (out (B,H,n,D), lse (B,H,n)) in the accumulation dtype.
+
+    Products run in the input dtype (tensor cores for bf16), softmax statistics and sums in fp32 or better.
+    """
+    acc = _acc_dtype(q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # (B, H, n, m)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)).to(v.dtype), v).to(acc), lse
+
+
+def merge_partial(out, lse, out_i, lse_i):
+    """Combine two softmax-normalised partial results over disjoint keys with their log-sum-exps."""
+    if out is None:
+        return out_i, lse_i
+    new = torch.logaddexp(lse, lse_i)
+    return out * torch.exp(lse - new).unsqueeze(-1) + out_i * torch.exp(lse_i - new).unsqueeze(-1), new
+
+
+def _chunk_grads(q, k, v, dout, lse, delta, scale):
+    """dq, dk, dv (accumulation dtype) of one chunk given the global lse and delta = rowsum(dout * out)."""
+    acc = lse.dtype
+    p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale - lse.unsqueeze(-1))  # (B, H, n, m)
+    dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), dout).to(acc)
+    ds = (p * (torch.matmul(dout, v.transpose(-1, -2)).to(acc) - delta.unsqueeze(-1))).to(q.dtype)
+    return (torch.matmul(ds, k).to(acc) * scale, torch.matmul(ds.transpose(-1, -2), q).to(acc) * scale, dv)
+
+
+class _RingAttention(torch.autograd.Function):
+    """Queries stay; key/value chunks go around the ring; partial results merge by log-sum-exp."""
+
+    # Backward goes around the ring again: the kv chunks travel as in forward, and the dk/dv accumulated for
+    # a visiting chunk (fp32 or better) travel behind it and reach its owner after the last hop.
+    # Autocast is off inside: dtypes are chosen explicitly (chunk_attention).
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group, counter):
+        world = dist.get_world_size(group)
+        kv = torch.stack([k, v])  # (2, B, H, m, D), sent in the input dtype
+        out = lse = None
+        with torch.autocast(q.device.type, enabled=False):
+            for step in range(world):
+                if step < world - 1:
+                    nxt, pending = _ring_shift(kv, group, counter, "attention")  # overlaps the compute below
+                out, lse = merge_partial(out, lse, *chunk_attention(q, kv[0], kv[1], scale))
+                if step < world - 1:
+                    _wait(pending)
+                    kv = nxt
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.group, ctx.counter = scale, group, counter
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, counter, scale = ctx.group, ctx.counter, ctx.scale
+        world = dist.get_world_size(group)
+        with torch.autocast(q.device.type, enabled=False):
+            dout = dout.to(q.dtype)
+            delta = (dout.to(out.dtype) * out).sum(-1)  # (B, H, n)
+            kv = torch.stack([k, v])
+            dq, dk_own, dv_own = _chunk_grads(q, k, v, dout, lse, delta, scale)
+            travelling = None  # (2, B, H, m, D): dk/dv of the chunk held now, following it to its owner
+            for _ in range(1, world):
+                kv = _shift_now(kv, group, counter)
+                if travelling is not None:
+                    travelling = _shift_now(travelling, group, counter)
+                dq_i, dk_i, dv_i = _chunk_grads(q, kv[0], kv[1], dout, lse, delta, scale)
+                dq = dq + dq_i
+                contribution = torch.stack([dk_i, dv_i])
+                travelling = contribution if travelling is None else travelling + contribution
+            if travelling is not None:  # last hop: the chunk's accumulated gradient reaches its owner
+                travelling = _shift_now(travelling, group, counter)
+                dk_own, dv_own = dk_own + travelling[0], dv_own + travelling[1]
+        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, *, group=None, counter: CommCounter | None = None, scale: float | None = None):
+    """Dense attention of local queries over all ranks' keys/values (B, H, n, D) -> (B, H, n, D)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _RingAttention.apply(q, k, v, scale, group, counter or CommCounter())
+
+
+# --- DSV sparse key/value exchange --------------------------------------------------------------------------
+class _SparseKVExchange(torch.autograd.Function):
+    """Full-length K and V holding only the blocks some local query block selected (zeros elsewhere)."""
+
+    # `need` (W, B, H, nb) bool: need[i, b, h, j] = rank i needs block j of this rank's shard. Each rank
+    # sends exactly those blocks (k and v stacked); missing blocks stay zero and are never read by
+    # block-sparse attention. Backward returns the gradients of the received blocks to their owners.
+
+    @staticmethod
+    def forward(ctx, k, v, need, mine, group, counter, block_size):
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        B, H, m, D = k.shape
+        nb = m // block_size
+        blocks = torch.stack([k, v], 2).view(B, H, 2, nb, block_size, D).transpose(2, 3)  # (B, H, nb, 2, bs, D)
+        sends = [blocks[need[i]] for i in range(world) if i != rank]  # per requester, rows in (b, h, j) order
+        in_splits = [0 if i == rank else int(need[i].sum()) for i in range(world)]
+        payload = torch.cat(sends) if sends else blocks.new_zeros(0, 2, block_size, D)
+        remote = mine.permute(2, 0, 1, 3).clone()  # (W, B, H, nb): owner-major, the order rows arrive in
+        remote[rank] = False
+        out_splits = [int(remote[o].sum()) for o in range(world)]
+        got = all_to_all_rows(payload, in_splits, out_splits, group, counter, "attention")
+        full = blocks.new_zeros(world, B, H, nb, 2, block_size, D)
+        full[rank] = blocks
+        full[remote] = got
+        full = full.permute(1, 2, 4, 0, 3, 5, 6).reshape(B, H, 2, world * m, D)
+        ctx.save_for_backward(need, remote)
+        ctx.args = (group, counter, block_size, in_splits, out_splits, (B, H, m, D))
+        return full[:, :, 0], full[:, :, 1]
+
+    @staticmethod
+    def backward(ctx, dk_full, dv_full):
+        need, remote = ctx.saved_tensors
+        group, counter, block_size, in_splits, out_splits, (B, H, m, D) = ctx.args
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        nb = m // block_size
+        grads = torch.stack([dk_full, dv_full], 2).view(B, H, 2, world, nb, block_size, D)
+        grads = grads.permute(3, 0, 1, 4, 2, 5, 6)  # (W, B, H, nb, 2, bs, D)
+        back = all_to_all_rows(grads[remote], out_splits, in_splits, group, counter, "attention")
+        local = grads[rank].clone()  # (B, H, nb, 2, bs, D)
+        start = 0
+        for i in range(world):
+            if in_splits[i]:
+                local[need[i]] += back[start:start + in_splits[i]]
+                start += in_splits[i]
+        local = local.transpose(2, 3).reshape(B, H, 2, m, D)
+        return local[:, :, 0], local[:, :, 1], None, None, None, None, None
+
+
+def needed_kv_blocks(block_mask: torch.Tensor, world: int) -> torch.Tensor:
+    """(B, H, nq_local, n_kv) selection of this rank's query blocks -> (B, H, W, nb) blocks it needs per owner."""
+    B, H, _, nkv = block_mask.shape
+    return block_mask.any(dim=2).view(B, H, world, nkv // world)
+
+
+def sparse_kv_exchange(k, v, block_mask, block_size: int, *, group=None, counter=None):
+    """(B, H, m, D) local k/v + this rank's block mask (B, H, nq_local, W*m/bs) -> full-length k, v.
+
+    The need masks (one bit per block, sent as bool bytes) are all-gathered first so each owner knows
+    what to send to whom; then only the selected blocks move.
+    """
+    counter = counter or CommCounter()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = needed_kv_blocks(block_mask, world)  # (B, H, W, nb)
+    everyone = all_gather_counted(mine.unsqueeze(0), group, counter, "attention")  # (W, B, H, W, nb)
+    need = everyone[:, :, :, rank].contiguous()  # (W, B, H, nb): what each rank needs from me
+    return _SparseKVExchange.apply(k, v, need, mine, group, counter, block_size)
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) of per-rank partials of a replicated loss; backward x world (see context_parallel)."""
+
+    @staticmethod
+    def forward(ctx, x, group, counter):
+        ctx.world = dist.get_world_size(group)
+        out = x.clone()
+        counter.add("attention", allreduce_bytes(out, ctx.world))
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.world, None, None
+
+
+# --- the `cp` object ----------------------------------------------------------------------------------------
+class RingParallel(ContextParallel):
+    """Sequence-wise: queries stay; dense layers pass k/v around the ring; DSV layers fetch only selected blocks."""
+
+    mode = "ring"
+
+    def attention(self, q, k, v, attn):  # (B, H, n, D) x3 local -> (B, H, n, D)
+        if isinstance(attn, DSVAttention):
+            return self._dsv_attention(q, k, v, attn)
+        if type(attn) is not FullAttention:  # window / factorised masks do not follow the ring's chunks
+            raise ValueError(f"ring context parallelism supports full and DSV self-attention, not "
+                             f"{type(attn).__name__}; use ulysses")
+        self.layer_work[id(attn)] = [q.shape[1] / self.world] * self.world
+        return ring_attention(q, k, v, group=self.group, counter=self.counter)
+
+    def _dsv_attention(self, q, k, v, attn):
+        """Low-rank key estimates are all-gathered so each rank selects blocks over all keys, as one process."""
+        B, H, n, D = q.shape
+        N, bs, scale = n * self.world, attn.block_size, D ** -0.5
+        if n % bs:
+            raise ValueError(f"ring context parallelism with DSV needs the tokens per rank ({n}) to be a "
+                             f"multiple of block_size ({bs}); change frames/resolution or --set block_size")
+        nk = N // bs
+        sparse = attn.sparse_heads(nk)
+        training = attn.training and torch.is_grad_enabled()
+        heads = slice(0, H)
+        q_est = k_est = None
+        if training or bool(sparse.any()):
+            q_est, k_est = attn.estimate(q, k, heads)  # local tokens: (B, H, n, r)
+        attn.estimator_loss = self._estimator_loss(attn, q, k, k_est, profile=not attn.sparse_active) \
+            if training else None
+        work = dsv_head_work(attn, N)
+        self.layer_work[id(attn)] = [sum(work) / self.world] * self.world
+        sel, rest = sparse.nonzero().squeeze(1), (~sparse).nonzero().squeeze(1)
+        outs = []
+        if len(sel):
+            with torch.no_grad():
+                k_est_all = all_gather_counted(k_est[:, sel].detach(), self.group, self.counter, "attention", dim=2)
+                scores = estimate_block_scores(q_est[:, sel], k_est_all, bs, scale)
+                mask = select_blocks(scores, attn.head_topk(nk)[sel])  # (B, Hs, n/bs, nk)
+            k_full, v_full = sparse_kv_exchange(k[:, sel], v[:, sel], mask, bs, group=self.group,
+                                                counter=self.counter)
+            outs.append(gather_block_sparse_attention(q[:, sel], k_full, v_full, mask, bs, N, scale))
+        if len(rest):
+            outs.append(ring_attention(q[:, rest], k[:, rest], v[:, rest], group=self.group, counter=self.counter))
+        out = torch.cat(outs, 1)  # (B, H, n, D), sparse heads first
+        if len(sel) and len(rest):
+            out = out[:, torch.argsort(torch.cat([sel, rest]))]  # back to head order
+        attn.last_sparse_heads = sparse
+        if attn.capture_stats:  # stats() then describe this rank's token shard
+            attn._last = {"q": q.detach()[:1], "k": k.detach()[:1], "v": v.detach()[:1], "heads": heads,
+                          "sparse": sparse.detach()}
+        return out
+
+    def _estimator_loss(self, attn, q, k, k_est, profile: bool):
+        """DSV's estimator loss (and stage-1 profile) on sampled queries, from per-rank partial sums over keys.
+
+        The sampled query rows (small) are shared; each rank scores them against its own keys; the row sums
+        the loss needs (dot, |est|^2, |true|^2) and the softmax statistics are all-reduced, so no keys move.
+        """
+        B, H, n, D = q.shape
+        N = n * self.world
+        idx = torch.randperm(N, device=q.device)[: attn.estimator_samples]  # the same draw as one process
+        owned = (idx >= self.rank * n) & (idx < (self.rank + 1) * n)
+        rows = q.new_zeros(B, H, idx.numel(), D)
+        rows[:, :, owned] = q.detach()[:, :, idx[owned] - self.rank * n]
+        self.counter.add("attention", allreduce_bytes(rows, self.world))
+        dist.all_reduce(rows, group=self.group)  # (B, H, S, D): every sampled query on every rank
+        q_est_rows = torch.einsum("bhnd,hdr->bhnr", rows, attn.q_estimator.to(rows.dtype))
+        true = (rows @ k.detach().transpose(-1, -2)).float()  # (B, H, S, n)
+        est = (q_est_rows @ k_est.transpose(-1, -2)).float()  # (B, H, S, n)
+        sums = torch.stack([(est * true).sum(-1), est.pow(2).sum(-1), true.pow(2).sum(-1)])  # (3, B, H, S)
+        dot, ee, tt = _SumAcrossRanks.apply(sums, self.group, self.counter)
+        cosine = dot / torch.sqrt(torch.clamp_min(ee * tt, 1e-8 ** 2))  # F.cosine_similarity's eps
+        # clamped before sqrt: an all-zero estimate row gets gradient 0 (as torch.norm gives), not NaN
+        ratio = ee.clamp_min(1e-24).sqrt() / tt.sqrt().clamp_min(1e-6)
+        loss = (1 - cosine).mean() + (ratio - 1).pow(2).mean()
+        if profile:
+            self._profile(attn, true.detach() * D ** -0.5, N)
+        return loss
+
+    @torch.no_grad()
+    def _profile(self, attn, logits, N):
+        """Stage-1 sparsity profile: blocks holding `mass_coverage` of each sampled row's softmax mass."""
+        bs = attn.block_size
+        peak = logits.amax(-1)
+        self.counter.add("attention", allreduce_bytes(peak, self.world))
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+        e = torch.exp(logits - peak.unsqueeze(-1))
+        total = e.sum(-1)
+        self.counter.add("attention", allreduce_bytes(total, self.world))
+        dist.all_reduce(total, group=self.group)
+        mass = block_sums(e / total.unsqueeze(-1), bs)  # (B, H, S, n/bs)
+        mass = all_gather_counted(mass, self.group, self.counter, "attention", dim=-1)  # (B, H, S, N/bs)
+        needed = blocks_to_cover(mass, 1, attn.mass_coverage)
+        attn.update_profile((1 - needed.float() / (N // bs)).mean((0, 2)))  # (H,)
