@@ -14,7 +14,7 @@ FAMILY_ARCHS = {"unet": UNET_ARCHS, "dit": DIT_ARCHS}
 # UNets are measured in both Mobius settings; the DiTs (DSV) train every layer.
 FAMILY_MODES = {"unet": ("temporal", "full"), "dit": ("full",)}
 GRIDS = ("tiny", "full")
-FULL_PRESET_NAMES = {"unet": ("sd15",), "dit": ("0.8b", "dsv-0.8b", "0.8B", "800m")}
+FULL_PRESETS = {"unet": "sd15", "dit": "0.8b"}  # SD1.5 + AnimateDiff; DSV's 0.8B DiT
 
 # option name -> (env var, help); every value is a comma-separated list unless it names one thing
 OPTIONS = {
@@ -111,9 +111,8 @@ def env_get(name: str) -> str | None:
 def full_preset(arch: str) -> str | None:
     """The full-size preset of a registered architecture (sd15 for UNets, DSV's 0.8B size for DiTs)."""
     spec = architectures.get(arch)
-    for name in FULL_PRESET_NAMES.get(spec.family, ()):
-        if name in spec.presets:
-            return name
+    if FULL_PRESETS.get(spec.family) in spec.presets:
+        return FULL_PRESETS[spec.family]
     larger = [p for p in spec.presets if p not in ("tiny", "small")]
     return larger[0] if larger else None
 
