@@ -57,6 +57,16 @@ class VideoModel(nn.Module):
     def forward(self, sample, timesteps, text):  # (B,C,F,h,w), (B,), (B,L,D) -> (B,C,F,h,w)
         raise NotImplementedError
 
+    # --- what subclasses may refine (the harness calls these; defaults suit a plain model) ---------
+    def warmup_steps(self, requested: int) -> int:
+        """Unmeasured steps before timing, given the `requested` number: a model whose first steps differ from
+        its steady state (e.g. a stage switch that builds kernels) extends it."""
+        return requested
+
+    def extra_stats(self) -> dict:
+        """Record fields this model adds after the measured steps (e.g. {"dsv": {...}}); {} when none."""
+        return {}
+
     # --- shared behaviour ----------------------------------------------------------------------
     def make_batch(self, batch: int, frames: int, height: int, width: int, *, device="cpu",
                    dtype=torch.float32, seed: int = 0) -> VideoBatch:

@@ -47,6 +47,11 @@ class DiTConfig:
     sparse_backend: str = "auto"  # auto (FlexAttention on CUDA, gather on CPU) | flex | gather
     sparse_recompute: bool = False  # gather path: re-gather in backward instead of saving gathered K/V blocks
 
+    def tokens(self, frames: int, height: int, width: int) -> int:
+        """Tokens of a video of `frames` x `height` x `width` pixels (latents /8, then patchified)."""
+        pt, ph, pw = self.patch_size
+        return (frames // pt) * (height // LATENT_SCALE // ph) * (width // LATENT_SCALE // pw)
+
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention: {self.attention!r} is not legal; legal: {', '.join(ATTENTION_KINDS)}")
@@ -177,6 +182,14 @@ class VideoDiT(VideoModel):
 
     def dsv_layers(self) -> list[DSVAttention]:
         return list(self._dsv)
+
+    def warmup_steps(self, requested: int) -> int:
+        """DSV trains dense for `dense_steps`, then sparse: the first sparse steps build (on CUDA, compile) the
+        sparse kernels, which belongs to warm-up, so every measured step runs the final stage."""
+        return max(requested, self.config.dense_steps + 2) if self._dsv else requested
+
+    def extra_stats(self) -> dict:
+        return {"dsv": self.dsv_stats()} if self._dsv else {}
 
     # Step bookkeeping runs outside torch.compile: a traced int counter would be guarded on and recompiled
     # every step; the layers' `sparse_active` flag changes once (stage 1 -> 2), so at most one recompile.

@@ -13,9 +13,12 @@ import torch
 import architectures
 from architectures import LATENT_SCALE, TRAINING_MODES
 
+from . import results
 from .errors import UserError
 
-DTYPES = ("fp32", "bf16", "fp16")
+# Case dtype -> torch dtype: fp32 runs as is; bf16 and fp16 are autocast dtypes over fp32 weights.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = tuple(TORCH_DTYPES)
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 CONTEXT_PARALLEL = ("ulysses", "ring")
 
@@ -132,12 +135,20 @@ class Case:
         with torch.device(device or self.device):
             return architectures.get(self.arch).build(config)
 
-    def identity(self) -> dict:
-        """The fields that name a case: results are matched on these (resume, gate, report)."""
-        return {"arch": self.arch, "preset": self.preset, "overrides": self.override_dict, "mode": self.mode,
-                "batch": self.batch, "frames": self.frames, "resolution": self.resolution,
-                "dtype": self.dtype, "device": self.device, "compile": self.compile,
-                "context_parallel": self.context_parallel}
+    def identity(self, world_size: int = 1) -> dict:
+        """The record's identity fields for this case (results are matched on them: resume, gate, report)."""
+        fields = {**dataclasses.asdict(self), "overrides": self.override_dict, "world_size": world_size}
+        return {name: fields[name] for name in results.IDENTITY_FIELDS}
+
+    @property
+    def key(self) -> str:
+        """The case's key among results (results.case_key of its record)."""
+        return results.case_key(self.identity())
+
+    @property
+    def slug(self) -> str:
+        """A short, file-name-safe id (trace folders, pytest ids)."""
+        return results.case_slug(self.identity())
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,12 @@ class Sweep:
     repeats: int = 5
     warmup: int = 2
     cases: tuple[Case, ...] = field(init=False, repr=False, compare=False)
+
+    def settings(self) -> dict:
+        """The sweep's settings as JSON values (run.json records them)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cases"}
+        settings["overrides"] = dict(self.overrides)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
     def __post_init__(self):
         for name in ("archs", "resolutions", "frames", "batches"):

@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import results
+from . import results, runfolder
 from .config import Case, Sweep
 from .errors import UserError
-from .measure import activations, env, flops, memory, nvml, timing
+from .measure import env, flops, memory, sequence, timing
 
 DEFAULT_TIMEOUT_S = 300.0
 FAILURE_KEY = "stbench/failure"
 POLL_S = 0.2
-FAIL_RANK_ENV = "STBENCH_DIST_FAIL_RANK"  # testing hook: "R:raise|exit|hang" makes rank R fail before its first step
 
 
 def timeout_seconds() -> float:
@@ -141,23 +140,10 @@ def _abort(rank: int, message: str, on_failure=None, code: int = 1, linger_s: fl
     os._exit(code)
 
 
-def _inject_failure(rank: int) -> None:
-    spec = os.environ.get(FAIL_RANK_ENV, "")
-    if spec:
-        target, _, how = spec.partition(":")
-        if target.strip() == str(rank):
-            if how.strip() == "exit":
-                os._exit(3)  # dies without a word, as a killed process would
-            if how.strip() == "hang":
-                time.sleep(3600)  # stuck (a deadlock, a wedged device): the others time out
-            raise RuntimeError(f"injected failure on rank {rank} ({FAIL_RANK_ENV}={spec})")
-
-
 def check_case(case: Case, world: int) -> None:
     """Shape conditions every rank can check alike before any collective; ValueError if not met."""
     config = case.model_config()
-    pt, ph, pw = config.patch_size
-    tokens = (case.frames // pt) * (case.resolution // 8 // ph) * (case.resolution // 8 // pw)
+    tokens = config.tokens(case.frames, case.resolution, case.resolution)
     if tokens % world:
         raise ValueError(f"{tokens} tokens do not split over {world} ranks")
     if case.context_parallel == "ring" and config.attention == "dsv" and (tokens // world) % config.block_size:
@@ -174,78 +160,68 @@ def _gather(value):
     return out
 
 
-def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int) -> dict:
-    """One context-parallel case on every rank; returns the record (complete on rank 0)."""
-    from architectures.attention.context_parallel import make_context_parallel
-
-    from .step import TrainingStep
+def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
+    """One context-parallel case on every rank, through the one measurement sequence; returns the record (each
+    rank's own figures; `merge_ranks` makes rank 0's the case's)."""
+    from .parallel import make_context_parallel
 
     device = torch.device(case.device if not case.device.startswith("cuda") else "cuda")
-    record = results.new_record(case.identity())
-    record.update(world_size=world, env=env.collect_env(device), warmup=warmup)
-    step = TrainingStep(case)
-    model = step.model
+    record = results.new_record(case.identity(world))
+    record["env"] = env.collect_env(device)
     cp = make_context_parallel(case.context_parallel)
-    cp.broadcast_parameters(model)
-    cp.attach(model, step.optimizer)
-    record["params_total"] = sum(p.numel() for p in model.parameters())
-    record["params_trainable"] = sum(p.numel() for p in step.trainable)
-    record["param_bytes"] = memory.param_bytes(model)
-    record["grad_bytes"] = memory.grad_bytes(step.trainable)
-
     step_bytes: list[int] = []
+    by_kind: dict[str, int] = {}  # bytes by kind since the end of warm-up, as of the last timed step
 
-    def counted_step():
-        before = cp.counter.total
-        loss = step()
-        step_bytes.append(cp.counter.total - before)
-        return loss
+    def prepare(step):
+        cp.broadcast_parameters(step.model)
+        cp.attach(step.model, step.optimizer)
 
-    _inject_failure(rank)
-    record["warmup"] = warmup = step.warmup_steps(warmup)
-    timing.warm_up(counted_step, warmup, device)
-    step_bytes.clear()
-    cp.counter.reset()
-    memory.reset_peaks(device)
-    with nvml.NvmlSampler(device) as sampler:
-        times = timing.time_steps(counted_step, repeats, device)
-    peaks = memory.allocator_peaks(device)
-    by_kind = {k: v // repeats for k, v in cp.counter.bytes_by_kind.items()}
-    mine = {"samples": times.samples_ms, "median": times.median_ms, "peak_allocated": peaks[0],
-            "peak_reserved": peaks[1], "nvml_peak_process": sampler.peak_process,
-            "nvml_peak_device": sampler.peak_device,
-            "comm_bytes": sorted(step_bytes)[len(step_bytes) // 2], "comm_by_kind": by_kind,
-            "work": cp.expected_rank_work()}
-    record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
-    record["dsv"] = model.dsv_stats() if hasattr(model, "dsv_stats") else None
-    saved = activations.saved_activation_bytes(model, lambda: step.compute_loss(eager=True))
-    flop_count = flops.count_flops(lambda: step(eager=True))
-    everyone = _gather({**mine, "saved": saved, "flops": flop_count})
+        def counted_step():
+            before = cp.counter.total
+            loss = step()
+            step_bytes.append(cp.counter.total - before)
+            by_kind.update(cp.counter.bytes_by_kind)
+            return loss
+        return counted_step
 
-    # a step ends when its slowest rank ends: per step, the max over ranks
-    slowest = [max(r["samples"][i] for r in everyone) for i in range(repeats)]
-    overall = timing.StepTimes(slowest)
-    record.update(overall.as_record_fields())
-    record["warnings"].extend(overall.warnings)
-    record["peak_allocated"], record["peak_reserved"] = _max_or_none(everyone, "peak_allocated"), \
-        _max_or_none(everyone, "peak_reserved")
-    record["nvml_peak_process"] = _max_or_none(everyone, "nvml_peak_process")
-    record["nvml_peak_device"] = _max_or_none(everyone, "nvml_peak_device")
-    record["saved_activations"] = max(r["saved"] for r in everyone)
-    record["flops_per_step"] = sum(r["flops"] for r in everyone)
-    peak = flops.device_peak_tflops(device, case.dtype)
+    def after_warmup():
+        step_bytes.clear()
+        by_kind.clear()
+        cp.counter.reset()
+
+    sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare, after_warmup=after_warmup)
+    # only the timed steps: the extra eager passes after timing (stats, activations, FLOPs) send bytes too
+    record["comm_bytes"] = sorted(step_bytes)[len(step_bytes) // 2]
+    record["comm_bytes_by_kind"] = {k: v // repeats for k, v in by_kind.items()}
+    record["rank_attention_work"] = cp.expected_rank_work()
+    return merge_ranks(record, _gather(record), world)
+
+
+def merge_ranks(record: dict, everyone: list[dict], world: int) -> dict:
+    """The case's record from every rank's: a step ends when its slowest rank ends; memory is the largest
+    rank's; FLOPs are all ranks'; per-rank lists beside them."""
+    repeats = len(record["step_ms_samples"])
+    own = set(timing.StepTimes(record["step_ms_samples"]).warnings)  # this rank's notes: replaced below
+    slowest = timing.StepTimes([max(r["step_ms_samples"][i] for r in everyone) for i in range(repeats)])
+    record.update(slowest.as_record_fields())
+    record["warnings"] = [w for w in record["warnings"] if w not in own] + slowest.warnings
+    for name in ("peak_allocated", "peak_reserved", "nvml_peak_process", "nvml_peak_device", "saved_activations"):
+        record[name] = _max_or_none(everyone, name)
+    flop_counts = [r["flops_per_step"] for r in everyone]
+    record["flops_per_step"] = sum(flop_counts) if None not in flop_counts else None
+    peak = flops.device_peak_tflops(record["device"] if record["device"] != "cuda" else "cuda", record["dtype"])
     record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"],
                                                       peak * world if peak else None)
     record["comm_bytes"] = max(r["comm_bytes"] for r in everyone)  # median step of the busiest rank
     record.update(
-        rank_step_ms_median=[r["median"] for r in everyone],
+        rank_step_ms_median=[r["step_ms_median"] for r in everyone],
         rank_peak_allocated=[r["peak_allocated"] for r in everyone],
         rank_nvml_peak_process=[r["nvml_peak_process"] for r in everyone],
         rank_nvml_peak_device=[r["nvml_peak_device"] for r in everyone],
-        rank_saved_activations=[r["saved"] for r in everyone],
+        rank_saved_activations=[r["saved_activations"] for r in everyone],
         rank_comm_bytes=[r["comm_bytes"] for r in everyone],
-        comm_bytes_by_kind=everyone[0]["comm_by_kind"],
-        rank_attention_work=everyone[0]["work"],
+        comm_bytes_by_kind=everyone[0]["comm_bytes_by_kind"],
+        rank_attention_work=everyone[0]["rank_attention_work"],
     )
     record["warnings"].append(
         "context parallel: step_ms_* are per step the slowest rank's; peaks and saved_activations the largest "
@@ -253,7 +229,6 @@ def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int
         "for all-to-all / send / all-gather, all-reduce at the ring volume 2(W-1)/W); rank_* lists per rank")
     if record["dsv"] is not None:
         record["warnings"].append("dsv stats describe rank 0's heads (ulysses) or token shard (ring)")
-    record["status"] = "ok"
     return record
 
 
@@ -272,8 +247,8 @@ class _RunState:
         if self.path is None or self.case is None or self.written:
             return
         self.written = True
-        record = results.new_record(self.case.identity())
-        record.update(world_size=dist.get_world_size() if dist.is_initialized() else None, status=status,
+        record = results.new_record(self.case.identity(dist.get_world_size() if dist.is_initialized() else 1))
+        record.update(status=status,
                       error=message, env=env.collect_env("cpu"))
         results.append_record(self.path, record)
 
@@ -297,7 +272,7 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
                         f"cuda:LOCAL_RANK)")
     rank, world, _ = init_process_group(sweep.device)
     out = Path(out)
-    path = out / results.RESULTS_FILE
+    path = out / runfolder.RESULTS_FILE
     state = _RunState(path if rank == 0 else None)
     watch = FailureWatch(rank, on_failure=state.record_failure).start()
     try:
@@ -310,21 +285,21 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
         setup_error, todo_keys = _broadcast((setup_error, todo_keys))
         if setup_error:
             raise UserError(setup_error)
-        todo = [c for c in sweep.cases if results.case_key(_identity(c, world)) in todo_keys]
+        todo = [c for c in sweep.cases if results.case_key(c.identity(world)) in todo_keys]
         for case in todo:
             state.case, state.written = case, False
-            slug = results.case_slug(_identity(case, world))
+            slug = results.case_slug(case.identity(world))
             try:
                 check_case(case, world)
             except ValueError as e:  # the same on every rank: record it and go on
                 if rank == 0:
-                    record = results.new_record(case.identity())
-                    record.update(world_size=world, status="error", error=str(e), env=env.collect_env("cpu"))
+                    record = results.new_record(case.identity(world))
+                    record.update(status="error", error=str(e), env=env.collect_env("cpu"))
                     results.append_record(path, record)
                     print(f"error {slug}: {e}", file=sys.stderr, flush=True)
                 continue
             try:
-                record = measure_case(case, repeats=sweep.repeats, warmup=sweep.warmup, rank=rank, world=world)
+                record = measure_rank(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
             except Exception as e:  # noqa: BLE001 - one rank's failure ends the run on every rank
                 detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[0][:500]
                 traceback.print_exc(file=sys.stderr)
@@ -355,10 +330,6 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     return 0
 
 
-def _identity(case: Case, world: int) -> dict:
-    return {**results.new_record(case.identity()), "world_size": world}
-
-
 def _broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -367,10 +338,9 @@ def _broadcast(value):
 
 def _prepare_out(sweep: Sweep, out: Path, args) -> set[str]:
     """Rank 0: check/create the run folder like a one-process run; the keys of the cases still to measure."""
-    from .runner import open_run_folder  # the run folder's bookkeeping is the runner's
-
     world = dist.get_world_size()
-    command = " ".join(["torchrun", f"--nproc-per-node {world}", "-m", "stbench", *sys.argv[1:]])
-    done = open_run_folder(out, sweep, command, getattr(args, "resume", False))
-    keys = {results.case_key(_identity(c, world)) for c in sweep.cases}
+    command = " ".join(["torchrun", "--standalone", f"--nproc-per-node {world}", "-m", "stbench", *sys.argv[1:]])
+    done = runfolder.open_run_folder(out, command=command, resume=getattr(args, "resume", False),
+                                     settings=sweep.settings())
+    keys = {results.case_key(c.identity(world)) for c in sweep.cases}
     return keys - done

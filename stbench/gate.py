@@ -77,8 +77,7 @@ def load_results(path) -> list[dict]:
     if p.is_file() and p.suffix == ".json":
         records = _read_pytest_benchmark(p)
     else:
-        records = results.read_records(p)
-        results.check_records(p, records)
+        records = results.frame_records(results.load_frame(p))
     if not records:
         raise UserError(f"{p}: holds no results")
     return records

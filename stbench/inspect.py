@@ -19,11 +19,10 @@ import torch.nn.functional as F
 
 import architectures
 
-from .config import DTYPES, Case, parse_set_options
+from .config import DTYPES, TORCH_DTYPES, Case, parse_set_options
 from .errors import UserError
 from .measure.activations import SavedTensorCounter
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GROUPS = ("spatial", "temporal", "estimator")
 
 

@@ -27,8 +27,9 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
+from .config import TORCH_DTYPES, Case
 from .errors import UserError
-from .results import read_records
+from .results import frame_records, load_frame
 
 FLOPS_PER_MAC = 2
 BACKWARD_FACTOR = 3.0  # forward + backward = 3x forward FLOPs
@@ -71,8 +72,6 @@ class Estimate:
 
 
 def _dims(record: dict, index: int) -> ModelShape:
-    from .config import Case
-
     try:
         case = Case(arch=record["arch"], preset=record["preset"], mode=record["mode"] or "full",
                     batch=record["batch"], frames=record["frames"], resolution=record["resolution"],
@@ -83,12 +82,11 @@ def _dims(record: dict, index: int) -> ModelShape:
         raise UserError(f"record {index}: cannot rebuild its model config ({e})") from None
     if not hasattr(config, "heads") or not hasattr(config, "patch_size"):
         raise UserError(f"record {index}: {record['arch']} is not a DiT; plan covers dit-* architectures")
-    pt, ph, pw = config.patch_size
-    tokens = (case.frames // pt) * (case.resolution // 8 // ph) * (case.resolution // 8 // pw)
+    tokens = config.tokens(case.frames, case.resolution, case.resolution)
     return ModelShape(arch=case.arch, batch=case.batch, tokens=tokens, depth=config.depth, heads=config.heads,
                       head_dim=config.head_dim, hidden=config.hidden_size, mlp_ratio=config.mlp_ratio,
                       block_size=config.block_size, estimator_rank=config.estimator_rank,
-                      element_size=2 if case.dtype in ("bf16", "fp16") else 4,
+                      element_size=TORCH_DTYPES[case.dtype].itemsize,
                       grad_bytes=int(record.get("grad_bytes") or 0), dsv=config.attention == "dsv")
 
 
@@ -305,7 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    records = read_records(args.results)
+    records = frame_records(load_frame(args.results))
     if not records:
         raise UserError(f"results: {args.results} holds no records")
     plans = plan(records, gpus=args.gpus, link_gbps=args.link_gbps, arch=args.arch, tokens=args.tokens)

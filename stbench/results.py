@@ -1,39 +1,109 @@
-"""Append-only, schema-versioned JSON Lines result files <-> pandas DataFrames."""
+"""The result record (a typed schema), append-only JSON Lines files, and pandas as their one reader.
+
+A record travels as a plain dict (one JSON object per line of results.jsonl); `Record` is its schema: the
+field names are a contract (docs/design.md) that suites, report, gate, planner and users' scripts read, and
+the identity, comparison and grouping field lists are derived from the roles its fields carry.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError
 
 SCHEMA_VERSION = 1
-RESULTS_FILE = "results.jsonl"
-RUN_FILE = "run.json"  # beside results.jsonl: the command lines and sweep settings that produced the run
-
-# The record's field names are a contract (DESIGN.md): suites, report, gate and users' scripts read them.
-IDENTITY_FIELDS = ("arch", "preset", "overrides", "mode", "batch", "frames", "resolution", "dtype", "device",
-                   "compile", "world_size", "context_parallel")
-RECORD_FIELDS = (
-    "schema", "arch", "preset", "overrides", "mode", "batch", "frames", "resolution", "dtype", "device", "compile",
-    "status", "error",
-    "step_ms_median", "step_ms_min", "step_ms_p10", "step_ms_p90", "step_ms_samples", "warmup",
-    "peak_allocated", "peak_reserved", "nvml_peak_process", "nvml_peak_device",
-    "saved_activations", "param_bytes", "grad_bytes", "optimizer_bytes",
-    "params_total", "params_trainable", "flops_per_step", "tflops", "mfu",
-    "warnings", "env", "dsv", "world_size", "context_parallel", "comm_bytes",
-)
 STATUSES = ("ok", "oom", "error")
-REQUIRED_TEXT = ("arch", "preset", "mode", "dtype", "device", "status")
-REQUIRED_INT = ("batch", "frames", "resolution")
+
+# Roles of a field. identity: names the case (resume, gate and report match on it); shape: the grid axes of a
+# sweep (identity fields that vary within one comparison table).
+IDENTITY = {"identity": True}
+SHAPE = {"identity": True, "shape": True}
+
+
+@dataclass
+class Record:
+    """Schema of one result record: every field, its type and its role (records themselves are dicts)."""
+
+    schema: int = SCHEMA_VERSION
+    arch: str = field(default="", metadata=IDENTITY)
+    preset: str = field(default="", metadata=IDENTITY)
+    overrides: dict = field(default_factory=dict, metadata=IDENTITY)  # --set values, raw text
+    mode: str = field(default="", metadata=IDENTITY)
+    batch: int = field(default=0, metadata=SHAPE)
+    frames: int = field(default=0, metadata=SHAPE)
+    resolution: int = field(default=0, metadata=SHAPE)
+    dtype: str = field(default="", metadata=IDENTITY)
+    device: str = field(default="", metadata=IDENTITY)
+    compile: bool = field(default=False, metadata=IDENTITY)
+    world_size: int = field(default=1, metadata=IDENTITY)
+    context_parallel: typing.Optional[str] = field(default=None, metadata=IDENTITY)
+    status: str = ""  # ok | oom | error
+    error: typing.Optional[str] = None
+    # time (milliseconds): statistics of the measured steps, raw samples kept
+    step_ms_median: typing.Optional[float] = None
+    step_ms_min: typing.Optional[float] = None
+    step_ms_p10: typing.Optional[float] = None
+    step_ms_p90: typing.Optional[float] = None
+    step_ms_samples: typing.Optional[list] = None
+    warmup: typing.Optional[int] = None
+    rounds: typing.Optional[int] = None  # --rounds: interleaved rounds the samples were pooled from
+    sample_rounds: typing.Optional[list] = None  # the round of each sample
+    # memory (bytes)
+    peak_allocated: typing.Optional[int] = None
+    peak_reserved: typing.Optional[int] = None
+    nvml_peak_process: typing.Optional[int] = None
+    nvml_peak_device: typing.Optional[int] = None
+    host_peak_bytes: typing.Optional[int] = None  # CPU: peak resident memory growth during the measured steps
+    saved_activations: typing.Optional[int] = None
+    param_bytes: typing.Optional[int] = None
+    grad_bytes: typing.Optional[int] = None
+    optimizer_bytes: typing.Optional[int] = None
+    # model and work
+    params_total: typing.Optional[int] = None
+    params_trainable: typing.Optional[int] = None
+    flops_per_step: typing.Optional[int] = None
+    tflops: typing.Optional[float] = None
+    mfu: typing.Optional[float] = None
+    warnings: list = field(default_factory=list)
+    env: typing.Optional[dict] = None
+    trace: typing.Optional[str] = None  # the case's trace folder (--trace)
+    dsv: typing.Optional[dict] = None  # dit-dsv: sparsity, estimator recall, ...
+    train: typing.Optional[dict] = None  # stbench train: losses, wall time, held-out loss
+    predicted: typing.Optional[dict] = None  # stbench predict: always a prediction, never a measurement
+    # torchrun (context parallelism): the busiest rank's bytes, and per-rank lists
+    comm_bytes: typing.Optional[int] = None
+    comm_bytes_by_kind: typing.Optional[dict] = None
+    rank_step_ms_median: typing.Optional[list] = None
+    rank_peak_allocated: typing.Optional[list] = None
+    rank_nvml_peak_process: typing.Optional[list] = None
+    rank_nvml_peak_device: typing.Optional[list] = None
+    rank_saved_activations: typing.Optional[list] = None
+    rank_comm_bytes: typing.Optional[list] = None
+    rank_attention_work: typing.Optional[list] = None
+
+
+_FIELDS = dataclasses.fields(Record)
+_TYPES = typing.get_type_hints(Record)
+RECORD_FIELDS = tuple(f.name for f in _FIELDS)
+IDENTITY_FIELDS = tuple(f.name for f in _FIELDS if f.metadata.get("identity"))
+SHAPE_FIELDS = tuple(f.name for f in _FIELDS if f.metadata.get("shape"))
+# Records of different architectures are compared when these agree (same settings, same shape).
+MATCH_FIELDS = tuple(n for n in IDENTITY_FIELDS if n not in ("arch", "overrides"))
+# A sweep's fixed settings: records sharing them go into one figure.
+GROUP_FIELDS = tuple(n for n in MATCH_FIELDS if n not in SHAPE_FIELDS)
+# Identity fields every readable record must carry, with their JSON type.
+REQUIRED = {n: _TYPES[n] for n in IDENTITY_FIELDS if _TYPES[n] in (str, int)} | {"status": str}
 
 
 def new_record(identity: dict) -> dict:
-    """A record with every field present (None where not measured) and the case's identity filled in."""
-    record = {name: None for name in RECORD_FIELDS}
-    record.update(schema=SCHEMA_VERSION, warnings=[], world_size=1, context_parallel=None)
+    """A record with every field present (its default) and the case's identity filled in."""
+    record = dataclasses.asdict(Record())
     record.update(identity)
     return record
 
@@ -57,12 +127,6 @@ def case_slug(record: dict) -> str:
     if (record.get("world_size") or 1) > 1:
         parts.append(f"{record.get('context_parallel')}x{record['world_size']}")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(str(p) for p in parts))
-
-
-def results_path(run: str | os.PathLike) -> Path:
-    """A run is a folder holding results.jsonl, or the .jsonl file itself."""
-    path = Path(run)
-    return path / RESULTS_FILE if path.is_dir() or not path.suffix else path
 
 
 def append_record(path: str | os.PathLike, record: dict) -> None:
@@ -89,6 +153,8 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
 
 def read_records(run: str | os.PathLike, *, strict: bool = False) -> list[dict]:
     """All complete records of a run; a torn final line (killed writer) is skipped unless strict."""
+    from .runfolder import results_path
+
     path = results_path(run)
     try:
         text = path.read_text()
@@ -116,10 +182,11 @@ def read_records(run: str | os.PathLike, *, strict: bool = False) -> list[dict]:
 
 def check_records(run: str | os.PathLike, records: list[dict]) -> None:
     """The identity and status fields that report and gate rely on must be present and typed (UserError if not)."""
+    from .runfolder import results_path
+
     for number, record in enumerate(records, 1):
-        for name in REQUIRED_TEXT + REQUIRED_INT:
+        for name, kind in REQUIRED.items():
             value = record.get(name)
-            kind = int if name in REQUIRED_INT else str
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise UserError(f"{results_path(run)}: record {number} has no valid {name!r} "
                                 f"(got {value!r}; malformed results file)")
@@ -128,16 +195,34 @@ def check_records(run: str | os.PathLike, records: list[dict]) -> None:
                             f"legal: {', '.join(STATUSES)}")
 
 
+def latest_per_case(records: Iterable[dict]) -> list[dict]:
+    """One record per case: the last one written wins (a resumed or repeated case replaces the earlier)."""
+    by_key = {}
+    for record in records:
+        by_key[case_key(record)] = record
+    return list(by_key.values())
+
+
 def to_frame(records: Iterable[dict]):
-    """Records -> DataFrame with one row per record, every schema field a column, plus `case_key`."""
+    """Records -> DataFrame, one row per record, every schema field a column (object dtype: values as written,
+    None stays None), plus `case_key`."""
     import pandas as pd
 
     records = list(records)
-    frame = pd.DataFrame(records, columns=list(RECORD_FIELDS) + sorted(
-        {k for r in records for k in r} - set(RECORD_FIELDS)))
+    extra = sorted({k for r in records for k in r} - set(RECORD_FIELDS))
+    frame = pd.DataFrame.from_records(records, columns=list(RECORD_FIELDS) + extra).astype(object)
+    frame = frame.where(frame.notna(), None) if len(frame) else frame
     frame["case_key"] = [case_key(r) for r in records]
     return frame
 
 
-def load_run(run: str | os.PathLike):
-    return to_frame(read_records(run))
+def load_frame(run: str | os.PathLike, *, latest: bool = False):
+    """The records of a run (folder or .jsonl) as a validated DataFrame; `latest`: the last record per case."""
+    records = read_records(run)
+    check_records(run, records)
+    return to_frame(latest_per_case(records) if latest else records)
+
+
+def frame_records(frame) -> list[dict]:
+    """DataFrame rows back to record dicts (without the derived `case_key` column)."""
+    return [{k: v for k, v in row.items() if k != "case_key"} for row in frame.to_dict("records")]

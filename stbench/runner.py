@@ -20,11 +20,10 @@ import torch
 
 import architectures
 
-from . import results
+from . import results, runfolder
 from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
-from .measure import activations, env, flops, memory, nvml, timing
-from .results import RUN_FILE
+from .measure import env, memory, sequence, timing
 from .units import format_bytes
 
 COMPILE_WARMUP = 3  # compilation (and recompilation on the second call) must finish before timing
@@ -37,78 +36,6 @@ INTERRUPTED = 130  # exit code of a child stopped by Ctrl-C
 
 def _tail(text: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHARS) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])[-chars:]
-
-
-def _optional(record: dict, what: str, fn):
-    """Run a secondary measurement; a failure becomes a warning (and None), never a failed case."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - the case's main figures are already measured
-        record["warnings"].append(f"{what}: not measured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        memory.release_memory()
-        return None
-
-
-def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Path | None, time_steps) -> None:
-    from .step import TrainingStep  # noqa: local so `--help` stays fast
-
-    device = torch.device(case.device)
-    warnings = record["warnings"]
-    if device.type == "cuda":
-        torch.empty(1, device=device)  # CUDA creates its context lazily: make it exist before reading it
-        torch.cuda.synchronize(device)
-        memory.release_memory()
-        context = nvml.context_baseline_bytes(device)
-        if context is not None:
-            record["env"]["cuda_context_bytes"] = context
-            warnings.append(f"nvml: the CUDA context and libraries held {context / 2**20:.0f} MiB before the "
-                            f"model was built (included in nvml_peak_process)")
-
-    step = TrainingStep(case)
-    model = step.model
-    record["params_total"] = sum(p.numel() for p in model.parameters())
-    record["params_trainable"] = sum(p.numel() for p in step.trainable)
-    record["param_bytes"] = memory.param_bytes(model)
-    record["grad_bytes"] = memory.grad_bytes(step.trainable)
-
-    record["warmup"] = warmup = step.warmup_steps(warmup)
-    timing.warm_up(step, warmup, device)
-    memory.reset_peaks(device)
-    with nvml.NvmlSampler(device) as sampler:
-        times = time_steps(step, repeats, device)
-    record.update(times.as_record_fields())
-    warnings.extend(times.warnings)
-    record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)
-    record["nvml_peak_process"], record["nvml_peak_device"] = sampler.peak_process, sampler.peak_device
-    if sampler.available and sampler.peak_process is None:
-        warnings.append("nvml: no per-process memory reported for this pid (container pid namespace?)")
-    record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
-
-    if hasattr(model, "dsv_stats"):
-        record["dsv"] = _optional(record, "dsv stats", model.dsv_stats)
-
-    if trace_dir is not None:
-        try:
-            from .trace import profile_training_steps
-        except ImportError as e:
-            warnings.append(f"trace: not written (stbench.trace unavailable: {e})")
-        else:
-            folder = Path(trace_dir) / results.case_slug(record)
-            if _optional(record, "trace", lambda: profile_training_steps(step, folder, device=case.device)):
-                record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
-
-    # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.
-    if case.compile:
-        warnings.append("saved_activations and flops_per_step are counted on the eager (uncompiled) step")
-    record["saved_activations"] = _optional(record, "saved activations", lambda: activations.saved_activation_bytes(
-        model, lambda: step.compute_loss(eager=True)))
-    record["flops_per_step"] = _optional(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
-    peak = flops.device_peak_tflops(device, case.dtype)
-    record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"], peak)
-    if record["mfu"] is not None and case.dtype == "fp32" and flops.tf32_enabled():
-        warnings.append("mfu: measured against the fp32 (non-tensor-core) peak, but TF32 tensor cores are "
-                        "enabled (torch.backends.cudnn/cuda.matmul.allow_tf32), so MFU may be overstated")
-    record["status"] = "ok"
 
 
 def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None,
@@ -130,7 +57,8 @@ def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path |
     try:
         # CUDA events and streams belong to the current device: make it the case's device
         with torch.cuda.device(case.device) if case.device.startswith("cuda") else contextlib.nullcontext():
-            _measure(case, record, repeats, warmup, trace_dir, time_steps)
+            sequence.measure_case(case, record, repeats=repeats, warmup=warmup, time_steps=time_steps,
+                                  trace_dir=trace_dir)
     except Exception as e:  # noqa: BLE001 - a failed case is a result; KeyboardInterrupt still stops the sweep
         if memory.is_out_of_memory(e):
             record["status"] = "oom"
@@ -237,47 +165,6 @@ def _child_main(job_path: str) -> int:
 
 # --- a sweep ----------------------------------------------------------------------------------------
 
-def sweep_settings(sweep: Sweep) -> dict:
-    settings = {f.name: getattr(sweep, f.name) for f in dataclasses.fields(sweep) if f.name != "cases"}
-    settings["overrides"] = dict(sweep.overrides)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-
-
-def open_run_folder(out: Path, sweep: Sweep, command: str, resume: bool) -> set[str]:
-    """Check and create the run folder, record this invocation in run.json; the case keys already measured.
-
-    Results already there are never overwritten: without `resume` a non-empty results file is an error.
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out: {out} exists and is not a folder")
-    path = out / results.RESULTS_FILE
-    done: set[str] = set()
-    if path.exists() and path.stat().st_size:
-        if not resume:
-            raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
-                            f"or choose another --out")
-        done = {results.case_key(r) for r in results.read_records(path)}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_run_file(out, sweep, command, resume)
-    return done
-
-
-def _write_run_file(out: Path, sweep: Sweep, command: str, resume: bool) -> None:
-    path = out / RUN_FILE
-    info = {}
-    if resume and path.exists():
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            info = {}
-    info.setdefault("command", command)
-    info["invocations"] = info.get("invocations", []) + [{"command": command, "time": env.utc_now()}]
-    info["sweep"] = sweep_settings(sweep)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _figures(record: dict) -> str:
     if record["status"] != "ok":
         return record["status"]
@@ -300,16 +187,16 @@ def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = 
     out = Path(out)
     if command is None:
         command = shlex.join(["python", "-m", "stbench", *sys.argv[1:]])
-    done = open_run_folder(out, sweep, command, resume)
-    path = out / results.RESULTS_FILE
-    todo = [c for c in sweep.cases if results.case_key(results.new_record(c.identity())) not in done]
+    done = runfolder.open_run_folder(out, command=command, resume=resume, settings=sweep.settings())
+    path = out / runfolder.RESULTS_FILE
+    todo = [c for c in sweep.cases if c.key not in done]
     measure = run_case_isolated if isolate else run_case
-    trace_dir = out / "traces" if trace else None
+    trace_dir = out / runfolder.TRACES_DIR if trace else None
     measured = []
     with tqdm(total=len(sweep.cases), initial=len(sweep.cases) - len(todo), disable=not progress,
               unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
         for case in todo:
-            slug = results.case_slug(results.new_record(case.identity()))
+            slug = case.slug
             bar.set_description(slug)
             record = measure(case, repeats=sweep.repeats, warmup=sweep.warmup, trace_dir=trace_dir)
             results.append_record(path, record)
@@ -335,8 +222,11 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, help="comma-separated architectures (see `stbench inspect`)")
-    parser.add_argument("--preset", default="tiny", help="size preset: tiny (default), small, or the full-size preset")
+    parser.add_argument("--arch", required=True,
+                        help="comma-separated architectures (`stbench list` names them with their presets)")
+    parser.add_argument("--preset", default="tiny",
+                        help="size preset: tiny (default), small, or a full-size one: sd15 (UNets), 0.8b or 2.7b "
+                             "(DiTs); `stbench list` shows every architecture's")
     parser.add_argument("--resolution", default="64",
                         help="comma-separated square sizes in pixels, multiples of 8 (default 64)")
     parser.add_argument("--frames", default="8", help="comma-separated frame counts (default 8)")
@@ -393,7 +283,7 @@ def execute(args: argparse.Namespace) -> int:
     records = run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, trace=args.trace,
                         progress=not args.no_progress, command=command)
     failed = sum(r["status"] != "ok" for r in records)
-    print(f"stbench: {len(records)} case(s) measured ({failed} not ok) -> {out / results.RESULTS_FILE}",
+    print(f"stbench: {len(records)} case(s) measured ({failed} not ok) -> {out / runfolder.RESULTS_FILE}",
           file=sys.stderr)
     return 0
 

@@ -7,9 +7,7 @@ import sys
 import torch
 from torch.profiler import record_function
 
-from .config import Case
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from .config import TORCH_DTYPES, Case
 
 
 class TrainingStep:
@@ -36,20 +34,13 @@ class TrainingStep:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=lr)
         self.batch = self.model.make_batch(case.batch, case.frames, case.resolution, case.resolution,
                                            device=self.device, seed=seed)
-        self.autocast_dtype = AUTOCAST_DTYPES.get(case.dtype)
+        self.autocast_dtype = None if case.dtype == "fp32" else TORCH_DTYPES[case.dtype]
         # torch.compile traces the whole forward + loss; AOTAutograd compiles its backward too.
         self.loss_fn = torch.compile(self.model.loss) if case.compile else self.model.loss
 
     def warmup_steps(self, requested: int) -> int:
-        """`requested`, extended past a stage switch so that every measured step runs the final stage.
-
-        DSV trains dense for `dense_steps`, then sparse: the first sparse steps build (on CUDA, compile) the
-        sparse kernels, which belongs to warm-up, not to the measured step time.
-        """
-        dsv_layers = getattr(self.model, "dsv_layers", None)
-        if dsv_layers is not None and dsv_layers():
-            return max(requested, self.model.config.dense_steps + 2)
-        return requested
+        """`requested`, extended where the model's first steps differ from its steady state."""
+        return self.model.warmup_steps(requested)
 
     def autocast(self):
         if self.autocast_dtype is None:

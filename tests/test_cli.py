@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, TOY_ARCH, stbench_command
-from stbench import results
+from stbench import results, runfolder
 from stbench.cli import main
 
 RUN = ["run", "--arch", TOY_ARCH, "--frames", "2", "--resolution", "16", "--repeats", "2", "--no-progress"]
@@ -54,7 +54,7 @@ def test_bad_input_is_one_line_and_exit_2(name, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("stbench: error: " + message), err
-    assert not (tmp_path / "run" / results.RESULTS_FILE).exists()
+    assert not (tmp_path / "run" / runfolder.RESULTS_FILE).exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -76,7 +76,7 @@ def test_context_parallel_without_torchrun_is_bad_input(capsys, tmp_path, monkey
 
 @pytest.mark.parametrize("content", [b"{not json\n{\"also\": \"bad\"}\n", b"\xff\xfe\x00garbage\n"])
 def test_unreadable_results_on_resume(content, capsys, tmp_path):
-    (tmp_path / results.RESULTS_FILE).write_bytes(content)
+    (tmp_path / runfolder.RESULTS_FILE).write_bytes(content)
     assert main(RUN + ["--out", str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -106,7 +106,7 @@ def test_set_overrides_the_config_and_is_recorded(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_with_every_case_exactly_once(tmp_path):
     out = tmp_path / "run"
-    path = out / results.RESULTS_FILE
+    path = out / runfolder.RESULTS_FILE
     args = [*RUN, "--batch", "1,2,3", "--resolution", "16,24", "--set", "sleep_ms=60", "--out", str(out)]
     child = subprocess.Popen(stbench_command(*args), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -136,7 +136,7 @@ def test_sigkilled_sweep_resumes_with_every_case_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
-    path = tmp_path / results.RESULTS_FILE
+    path = tmp_path / runfolder.RESULTS_FILE
     args = [*RUN, "--batch", "1,2,3,4", "--set", "sleep_ms=100", "--out", str(tmp_path), "--isolate"]
     # its own process group, like a terminal's foreground job: Ctrl-C reaches the runner and its case child
     child = subprocess.Popen(stbench_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

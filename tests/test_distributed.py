@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from architectures.attention import context_parallel as cpm
-from architectures.attention import ring
+from stbench.parallel import context_parallel as cpm
+from stbench.parallel import ring
 from architectures.attention.dsv import block_mask_to_token_mask, gather_block_sparse_attention
 from architectures.attention.full import dense_attention
 
@@ -159,7 +159,7 @@ def _model_equivalence(mode, rank, world, frames=8, configs=None):
     import copy
 
     import architectures
-    from architectures.attention.context_parallel import make_context_parallel
+    from stbench.parallel import make_context_parallel
 
     summary = {}
     for arch, overrides in configs or (("dit-full", {}), ("dit-dsv", DSV_SET), ("dit-dsv", DSV_UNEVEN)):
@@ -239,7 +239,7 @@ def _launch_ranks(tmp_path, extra_env, world=WORLD, timeout=90):
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra_env}
-        cmd = [sys.executable, "-m", "stbench", "run", "--arch", "dit-full", "--device", "cpu", "--repeats", "2",
+        cmd = [sys.executable, str(Path(__file__).parent / "fixtures" / "failing_rank.py"), "run", "--arch", "dit-full", "--device", "cpu", "--repeats", "2",
                "--context-parallel", "ulysses", "--no-progress", "--out", str(tmp_path / "run")]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     start = time.monotonic()
@@ -254,7 +254,7 @@ def test_failed_rank_ends_the_run_on_every_rank(how, tmp_path):
     fails: closed connection) or hangs (rank 0's collective times out after STBENCH_DIST_TIMEOUT, and its
     error ends rank 1): every process exits non-zero with a clear line, none hangs."""
     timeout_s = 6
-    codes, errs, elapsed = _launch_ranks(tmp_path, {"STBENCH_DIST_FAIL_RANK": f"1:{how}",
+    codes, errs, elapsed = _launch_ranks(tmp_path, {"STBENCH_TEST_FAIL_RANK": f"1:{how}",
                                                     "STBENCH_DIST_TIMEOUT": str(timeout_s)})
     assert all(code != 0 for code in codes), (codes, errs)
     assert elapsed < 60

@@ -47,7 +47,7 @@ def test_infinite_bandwidth_scales_compute_by_gpu_count():
 
 def test_comm_bytes_are_the_analytic_counts():
     """Ulysses x2 on dit-full tiny (2 layers, 2 heads of 32, hidden 64, fp32): all-to-alls + tokens + grads."""
-    from architectures.attention.context_parallel import analytic_bytes
+    from stbench.parallel.context_parallel import analytic_bytes
 
     plans = planner.plan([_record(arch="dit-full")], gpus=2, link_gbps=100)
     by_layout = {(e.ulysses, e.ring): e for e in plans[0]["estimates"]}

@@ -9,7 +9,7 @@ import torch
 import architectures
 
 from conftest import TOY_ARCH, ToyVideoModel
-from stbench import results, runner
+from stbench import results, runfolder, runner
 from stbench.config import Sweep
 from stbench.errors import UserError
 from stbench.measure import memory
@@ -35,7 +35,7 @@ def test_run_case_fills_every_field(toy_case):
 
 
 def test_compile_adds_warmup(toy_case, monkeypatch):
-    monkeypatch.setattr(runner, "_measure", lambda case, record, repeats, warmup, trace_dir: None)
+    monkeypatch.setattr(runner.sequence, "measure_case", lambda case, record, **kwargs: None)
     assert runner.run_case(toy_case(compile=True), warmup=2)["warmup"] == runner.COMPILE_WARMUP
 
 
@@ -55,7 +55,7 @@ def test_model_error_keeps_the_traceback_tail(toy_case):
 
 
 def test_dsv_stats_go_into_the_record(toy_case, monkeypatch):
-    monkeypatch.setattr(ToyVideoModel, "dsv_stats", lambda self: {"sparse_head_fraction": 0.5}, raising=False)
+    monkeypatch.setattr(ToyVideoModel, "extra_stats", lambda self: {"dsv": {"sparse_head_fraction": 0.5}})
     assert runner.run_case(toy_case(), repeats=2)["dsv"] == {"sparse_head_fraction": 0.5}
 
 
@@ -98,7 +98,7 @@ def test_resume_skips_recorded_cases_and_appends_invocations(tmp_path):
                               command="python -m stbench run B --resume")
     assert [r["batch"] for r in second] == [2]
     assert [r["batch"] for r in results.read_records(tmp_path)] == [1, 2]
-    info = json.loads((tmp_path / runner.RUN_FILE).read_text())
+    info = json.loads((tmp_path / runfolder.RUN_FILE).read_text())
     assert info["command"] == "python -m stbench run A"
     assert [i["command"] for i in info["invocations"]] == ["python -m stbench run A",
                                                            "python -m stbench run B --resume"]

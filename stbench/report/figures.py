@@ -12,10 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+from .. import results  # noqa: E402
 from .verdict import config_label, settings_label  # noqa: E402
 
 MIB = 2**20
-GROUP_FIELDS = ("preset", "mode", "dtype", "device", "compile", "world_size")
 MAX_GROUPS = 2
 MAX_PANELS = 3
 MAX_TRACED_BARS = 24
@@ -63,7 +63,7 @@ def groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Records split by the settings a figure holds fixed (preset, mode, dtype, device), biggest first."""
     by_group = defaultdict(list)
     for r in records:
-        by_group[tuple(str(r.get(f)) for f in GROUP_FIELDS)].append(r)
+        by_group[tuple(str(r.get(f)) for f in results.GROUP_FIELDS)].append(r)
     ordered = sorted(by_group.values(), key=len, reverse=True)[:MAX_GROUPS]
     return [(settings_label(rs[0]), rs) for rs in ordered]
 

@@ -11,62 +11,14 @@ import jinja2
 
 from .. import results
 from ..errors import UserError
-from ..trace import SUMMARY_FILE, load_summary
+from ..runfolder import REPORT_FILE, TRACES_DIR, find_traces, read_run_info, run_folder
+from ..trace import SUMMARY_FILE
 from ..units import format_bytes
 from . import figures, verdict
 
-TRACES_DIR = "traces"
-REPORT_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"
 ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
-RECORD_COLUMNS = ("arch", "preset", "mode", "resolution", "frames", "batch", "dtype", "device", "status")
-
-
-def run_folder(run: str | os.PathLike) -> Path:
-    """The folder of a run given as a folder or as its results .jsonl file; a missing run is a UserError."""
-    path = Path(run)
-    if not path.exists():
-        raise UserError(f"no such run: {path}")
-    if path.is_dir():
-        if not (path / results.RESULTS_FILE).is_file():
-            raise UserError(f"{path} holds no {results.RESULTS_FILE} (not a stbench run folder)")
-        return path
-    return path.parent
-
-
-def read_run_info(folder: Path) -> dict:
-    """run.json written by the runner; {} when absent (a bare results file); a malformed one is an error."""
-    path = folder / results.RUN_FILE
-    if not path.exists():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return info
-
-
-def find_traces(folder: Path, records: list[dict]) -> list[dict]:
-    """Trace folders of the run: one per case that has RUN/traces/<case_slug>/, then folders of no record."""
-    traces, seen = [], set()
-    for record in records:
-        slug = results.case_slug(record)
-        trace_dir = folder / TRACES_DIR / slug
-        summary = load_summary(trace_dir)
-        files = sorted(p.name for p in trace_dir.glob("*.pt.trace.json*")) if trace_dir.is_dir() else []
-        if summary is None and not files:
-            continue
-        seen.add(slug)
-        traces.append({"slug": slug, "record": record, "summary": summary, "files": files,
-                       "folder": f"{TRACES_DIR}/{slug}"})
-    if (folder / TRACES_DIR).is_dir():
-        for extra in sorted(p for p in (folder / TRACES_DIR).iterdir() if p.is_dir() and p.name not in seen):
-            traces.append({"slug": extra.name, "record": None, "summary": load_summary(extra),
-                           "files": sorted(p.name for p in extra.glob("*.pt.trace.json*")),
-                           "folder": f"{TRACES_DIR}/{extra.name}"})
-    return traces
+RECORD_COLUMNS = ("arch", "preset", "mode", "resolution", "frames", "batch", "dtype", "device", "status")  # table
 
 
 def environment(records: list[dict]) -> list[tuple[str, str]]:
@@ -134,9 +86,8 @@ def make_environment() -> jinja2.Environment:
 def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
                   title: str | None = None) -> dict:
     folder = run_folder(run)
-    all_records = results.read_records(run)
-    results.check_records(run, all_records)
-    records = verdict.latest_per_case(all_records)
+    frame = results.load_frame(run)
+    records = results.frame_records(frame.drop_duplicates("case_key", keep="last"))
     info = read_run_info(folder)
     traces = find_traces(folder, records)
     traced = [(t["record"], t["summary"]) for t in traces if t["record"] is not None and t["summary"]]
@@ -155,8 +106,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
     base = None
     if baseline is not None:
         run_folder(baseline)
-        baseline_records = results.read_records(baseline)
-        results.check_records(baseline, baseline_records)
+        baseline_records = results.frame_records(results.load_frame(baseline))
         rows, only_current, only_baseline = verdict.baseline_deltas(records, baseline_records)
         base = {"path": str(baseline), "rows": rows, "only_current": only_current, "only_baseline": only_baseline}
 
@@ -171,7 +121,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
         "environment": environment(records),
         "records": sorted(records, key=lambda r: (r["arch"], r["preset"], r["mode"], r["resolution"], r["frames"],
                                                   r["batch"], r["dtype"], r["device"])),
-        "superseded": len(all_records) - len(records),
+        "superseded": len(frame) - len(records),
         "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
         "comparisons": [c for c in (verdict.compare(records, comp) for comp in verdict.COMPARISONS) if c],
         "figures": [f for f in figure_list if f is not None],

@@ -7,9 +7,6 @@ import numpy as np
 
 from .. import results
 
-# Fields that must agree for two records of different architectures to be compared.
-MATCH_FIELDS = ("preset", "mode", "resolution", "frames", "batch", "dtype", "device", "compile", "world_size",
-                "context_parallel")
 BOOTSTRAP_RESAMPLES = 2000
 MIN_BOOTSTRAP_SAMPLES = 3
 
@@ -36,17 +33,9 @@ COMPARISONS = (
 )
 
 
-def latest_per_case(records: list[dict]) -> list[dict]:
-    """One record per case: the last one written wins (a resumed or repeated case replaces the earlier)."""
-    by_key = {}
-    for record in records:
-        by_key[results.case_key(record)] = record
-    return list(by_key.values())
-
-
 def match_key(record: dict) -> tuple:
     return tuple(str(record.get(name)) if name != "world_size" else str(record.get(name) or 1)
-                 for name in MATCH_FIELDS)
+                 for name in results.MATCH_FIELDS)
 
 
 def config_label(record: dict, *, short: bool = False) -> str:
@@ -140,7 +129,7 @@ class ComparisonResult:
 
 def compare(records: list[dict], comparison: Comparison) -> ComparisonResult | None:
     """Rows for every candidate record; None when the run holds neither side of the comparison."""
-    records = latest_per_case(records)
+    records = results.latest_per_case(records)
     references: dict[tuple, list[dict]] = {}
     for r in records:
         if r["arch"] == comparison.reference:
@@ -272,8 +261,8 @@ class DeltaRow:
 
 def baseline_deltas(current: list[dict], baseline: list[dict]) -> tuple[list[DeltaRow], list[dict], list[dict]]:
     """Rows for cases in both runs (matched by case_key), then cases only in the run, only in the baseline."""
-    cur = {results.case_key(r): r for r in latest_per_case(current)}
-    base = {results.case_key(r): r for r in latest_per_case(baseline)}
+    cur = {results.case_key(r): r for r in results.latest_per_case(current)}
+    base = {results.case_key(r): r for r in results.latest_per_case(baseline)}
     rows = []
     for key, record in cur.items():
         if key not in base:

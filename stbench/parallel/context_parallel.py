@@ -15,7 +15,7 @@ single-process gradients.
 
 Every byte a rank sends through this module and `ring` is counted in `cp.counter` (by kind): all-to-all
 and point-to-point sends exactly (bytes leaving this rank for other ranks), all-reduce at the ring
-algorithm's per-rank volume 2 (W-1)/W x size. Sequence-wise (ring) mode is in `ring`.
+algorithm's per-rank volume 2 (W-1)/W x size. Sequence-wise (ring) mode is in `ring`; `stbench.parallel.make_context_parallel` builds either.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .dsv import DSVAttention, n_blocks
+from architectures.attention.dsv import DSVAttention, n_blocks
 
 CONTEXT_PARALLEL_MODES = ("ulysses", "ring")
 
@@ -378,13 +378,3 @@ def _set_rng_state(device, state):
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
-
-
-def make_context_parallel(mode: str, group=None, counter: CommCounter | None = None) -> ContextParallel:
-    """'ulysses' (head-wise) or 'ring' (sequence-wise) over `group` (default: the whole world)."""
-    from .ring import RingParallel  # ring builds on this module's collectives
-
-    classes = {"ulysses": UlyssesParallel, "ring": RingParallel}
-    if mode not in classes:
-        raise ValueError(f"context parallel mode must be one of {', '.join(CONTEXT_PARALLEL_MODES)}, got {mode!r}")
-    return classes[mode](group, counter)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from architectures.attention.dsv import (DSVAttention, block_sums, blocks_to_cover, estimate_block_scores,
+                                        gather_block_sparse_attention, select_blocks)
+from architectures.attention.full import FullAttention
+
 from .context_parallel import (CommCounter, ContextParallel, all_gather_counted, all_to_all_rows, allreduce_bytes,
                                dsv_head_work, global_rank, nbytes)
-from .dsv import (DSVAttention, block_sums, blocks_to_cover, estimate_block_scores, gather_block_sparse_attention,
-                  select_blocks)
-from .full import FullAttention
 
 
 def _ring_shift(t: torch.Tensor, group, counter, kind: str):

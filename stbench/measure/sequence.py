@@ -1,0 +1,97 @@
+"""The one measurement sequence of a case: build, warm up, time, then every figure of the record.
+
+One process (`stbench.runner`) and every rank of a torchrun job (`stbench.distributed`, which adds only the
+gather across ranks) measure through `measure_case`, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import activations, flops, memory, nvml, timing
+
+
+def soft(record: dict, what: str, fn):
+    """Run a secondary measurement; a failure becomes a warning (and None), never a failed case."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the case's main figures are already measured
+        record["warnings"].append(f"{what}: not measured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        memory.release_memory()
+        return None
+
+
+def _cuda_context(device: torch.device, record: dict) -> None:
+    """Make CUDA's lazily created context exist and record what it holds before any model is built."""
+    torch.empty(1, device=device)
+    torch.cuda.synchronize(device)
+    memory.release_memory()
+    context = nvml.context_baseline_bytes(device)
+    if context is not None:
+        record["env"]["cuda_context_bytes"] = context
+        record["warnings"].append(f"nvml: the CUDA context and libraries held {context / 2**20:.0f} MiB before the "
+                                  f"model was built (included in nvml_peak_process)")
+
+
+def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=timing.time_steps,
+                 trace_dir: Path | None = None, prepare: Callable | None = None, after_warmup: Callable | None = None):
+    """Fill `record` with the measurements of `case`; returns the TrainingStep.
+
+    `prepare(step) -> callable`: what is warmed up and timed instead of the bare step (torchrun wraps it to count
+    the bytes it sends); `after_warmup()` runs between warm-up and the measured steps. `time_steps(fn, repeats,
+    device) -> StepTimes` runs the measured steps (the suites pass pytest-benchmark's).
+    """
+    from ..step import TrainingStep  # noqa: local so `--help` stays fast
+
+    device = torch.device(case.device)
+    warnings = record["warnings"]
+    if device.type == "cuda":
+        _cuda_context(device, record)
+
+    step = TrainingStep(case)
+    model = step.model
+    timed = prepare(step) if prepare is not None else step
+    record["params_total"] = sum(p.numel() for p in model.parameters())
+    record["params_trainable"] = sum(p.numel() for p in step.trainable)
+    record["param_bytes"] = memory.param_bytes(model)
+    record["grad_bytes"] = memory.grad_bytes(step.trainable)
+
+    record["warmup"] = step.warmup_steps(warmup)
+    timing.warm_up(timed, record["warmup"], device)
+    if after_warmup is not None:
+        after_warmup()
+    memory.reset_peaks(device)
+    with nvml.NvmlSampler(device) as sampler:
+        times = time_steps(timed, repeats, device)
+    record.update(times.as_record_fields())
+    warnings.extend(times.warnings)
+    record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)
+    record["nvml_peak_process"], record["nvml_peak_device"] = sampler.peak_process, sampler.peak_device
+    if sampler.available and sampler.peak_process is None:
+        warnings.append("nvml: no per-process memory reported for this pid (container pid namespace?)")
+    record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
+    record.update(soft(record, "model stats", model.extra_stats) or {})
+
+    if trace_dir is not None:
+        from ..results import case_slug
+        from ..trace import profile_training_steps
+
+        folder = Path(trace_dir) / case_slug(record)
+        if soft(record, "trace", lambda: profile_training_steps(step, folder, device=case.device)):
+            record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
+
+    # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.
+    if case.compile:
+        warnings.append("saved_activations and flops_per_step are counted on the eager (uncompiled) step")
+    record["saved_activations"] = soft(record, "saved activations", lambda: activations.saved_activation_bytes(
+        model, lambda: step.compute_loss(eager=True)))
+    record["flops_per_step"] = soft(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
+    peak = flops.device_peak_tflops(device, case.dtype)
+    record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"], peak)
+    if record["mfu"] is not None and case.dtype == "fp32" and flops.tf32_enabled():
+        warnings.append("mfu: measured against the fp32 (non-tensor-core) peak, but TF32 tensor cores are "
+                        "enabled (torch.backends.cudnn/cuda.matmul.allow_tf32), so MFU may be overstated")
+    record["status"] = "ok"
+    return step
