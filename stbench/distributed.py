@@ -340,7 +340,8 @@ def _prepare_out(sweep: Sweep, out: Path, args) -> set[str]:
     """Rank 0: check/create the run folder like a one-process run; the keys of the cases still to measure."""
     world = dist.get_world_size()
     command = " ".join(["torchrun", "--standalone", f"--nproc-per-node {world}", "-m", "stbench", *sys.argv[1:]])
-    done = runfolder.open_run_folder(out, command=command, resume=getattr(args, "resume", False),
+    path = runfolder.open_run_folder(out, command=command, resume=getattr(args, "resume", False),
                                      settings=sweep.settings())
+    done = results.recorded_keys(path)
     keys = {results.case_key(c.identity(world)) for c in sweep.cases}
     return keys - done

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError
+from .runfolder import results_path
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error")
@@ -153,8 +154,6 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
 
 def read_records(run: str | os.PathLike, *, strict: bool = False) -> list[dict]:
     """All complete records of a run; a torn final line (killed writer) is skipped unless strict."""
-    from .runfolder import results_path
-
     path = results_path(run)
     try:
         text = path.read_text()
@@ -182,8 +181,6 @@ def read_records(run: str | os.PathLike, *, strict: bool = False) -> list[dict]:
 
 def check_records(run: str | os.PathLike, records: list[dict]) -> None:
     """The identity and status fields that report and gate rely on must be present and typed (UserError if not)."""
-    from .runfolder import results_path
-
     for number, record in enumerate(records, 1):
         for name, kind in REQUIRED.items():
             value = record.get(name)
@@ -193,6 +190,12 @@ def check_records(run: str | os.PathLike, records: list[dict]) -> None:
         if record["status"] not in STATUSES:
             raise UserError(f"{results_path(run)}: record {number} has status {record['status']!r}; "
                             f"legal: {', '.join(STATUSES)}")
+
+
+def recorded_keys(run: str | os.PathLike) -> set[str]:
+    """Keys of the cases a run already holds (none when it has no results yet): what --resume skips."""
+    path = results_path(run)
+    return {case_key(r) for r in read_records(path)} if path.exists() else set()
 
 
 def latest_per_case(records: Iterable[dict]) -> list[dict]:

@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from . import results
 from .errors import UserError
+from .units import utc_now
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -38,32 +38,28 @@ def run_folder(run: str | os.PathLike) -> Path:
     return path.parent
 
 
-def open_run_folder(out: str | os.PathLike, *, command: str, resume: bool, settings: dict) -> set[str]:
-    """Check and create the run folder and record this invocation in run.json; the case keys already measured.
+def open_run_folder(out: str | os.PathLike, *, command: str, resume: bool, settings: dict) -> Path:
+    """Check and create the run folder and record this invocation in run.json; returns the results file.
 
-    Results already there are never overwritten: without `resume` a non-empty results file is an error.
+    Results already there are never overwritten: without `resume` a non-empty results file is an error
+    (with it, `results.recorded_keys` names the cases to skip).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"out: {out} exists and is not a folder")
     path = out / RESULTS_FILE
-    done: set[str] = set()
-    if path.exists() and path.stat().st_size:
-        if not resume:
-            raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
-                            f"or choose another --out")
-        done = {results.case_key(r) for r in results.read_records(path)}
+    if path.exists() and path.stat().st_size and not resume:
+        raise UserError(f"out: {out} already holds results; pass --resume to continue that run, "
+                        f"or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_run_file(out, command, resume, settings)
     except OSError as e:
         raise UserError(f"out: cannot write into {out} ({e.strerror or e})") from None
-    return done
+    return path
 
 
 def _write_run_file(out: Path, command: str, resume: bool, settings: dict) -> None:
-    from .measure.env import utc_now
-
     path = out / RUN_FILE
     info = {}
     if resume and path.exists():
@@ -93,13 +89,8 @@ def read_run_info(folder: str | os.PathLike) -> dict:
     return info
 
 
-def trace_folder(out: str | os.PathLike, record: dict) -> Path:
-    """Where the trace of a record's case is written: RUN/traces/<case slug>/."""
-    return Path(out) / TRACES_DIR / results.case_slug(record)
-
-
-def find_traces(folder: str | os.PathLike, records: list[dict]) -> list[dict]:
-    """Trace folders of the run: one per case that has RUN/traces/<case_slug>/, then folders of no record."""
+def find_traces(folder: str | os.PathLike, cases: list[tuple[str, dict]]) -> list[dict]:
+    """Trace folders of the run: one per (slug, record) that has RUN/traces/<slug>/, then folders of no record."""
     from .trace import load_summary
 
     folder = Path(folder)
@@ -110,11 +101,11 @@ def find_traces(folder: str | os.PathLike, records: list[dict]) -> list[dict]:
                 "folder": f"{TRACES_DIR}/{trace_dir.name}"}
 
     traces, seen = [], set()
-    for record in records:
-        found = entry(trace_folder(folder, record), record)
+    for slug, record in cases:
+        found = entry(folder / TRACES_DIR / slug, record)
         if found["summary"] is None and not found["files"]:
             continue
-        seen.add(found["slug"])
+        seen.add(slug)
         traces.append(found)
     if (folder / TRACES_DIR).is_dir():
         traces += [entry(extra, None) for extra in sorted((folder / TRACES_DIR).iterdir())

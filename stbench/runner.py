@@ -187,8 +187,8 @@ def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = 
     out = Path(out)
     if command is None:
         command = shlex.join(["python", "-m", "stbench", *sys.argv[1:]])
-    done = runfolder.open_run_folder(out, command=command, resume=resume, settings=sweep.settings())
-    path = out / runfolder.RESULTS_FILE
+    path = runfolder.open_run_folder(out, command=command, resume=resume, settings=sweep.settings())
+    done = results.recorded_keys(path)
     todo = [c for c in sweep.cases if c.key not in done]
     measure = run_case_isolated if isolate else run_case
     trace_dir = out / runfolder.TRACES_DIR if trace else None

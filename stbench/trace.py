@@ -21,6 +21,7 @@ import bisect
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,60 +124,74 @@ def _ms(us: float, steps: int) -> float:
     return round(us / 1000.0 / steps, 4)
 
 
-def summarize_trace(trace: dict, regions: tuple[str, ...] = REGIONS, top_n: int = TOP_N) -> dict:
-    """Per-region times, per-step totals and top operators/kernels of one Chrome trace from torch.profiler."""
-    events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict)]
-    by_thread: dict[Any, list[_Span]] = defaultdict(list)
-    ops, device_events, launches = [], [], {}
-    for e in events:
-        if e.get("ph") != "X" or "ts" not in e:
+@dataclass
+class _Parsed:
+    """A Chrome trace's complete events sorted by what they are."""
+
+    by_thread: dict  # (pid, tid) -> host spans: step markers, regions, annotations, ops, backward nodes
+    ops: list  # (thread, span) of every cpu_op
+    device_events: list  # kernels, memcpys, memsets
+    launches: dict  # correlation id -> (launching thread, launch time)
+
+
+def _parse(trace: dict, regions: tuple[str, ...]) -> _Parsed:
+    parsed = _Parsed(defaultdict(list), [], [], {})
+    for e in trace.get("traceEvents", []):
+        if not isinstance(e, dict) or e.get("ph") != "X" or "ts" not in e:
             continue
         cat, name = e.get("cat", ""), e.get("name", "")
         thread = (e.get("pid"), e.get("tid"))
         if cat in _DEVICE_CATS:
-            device_events.append(e)
+            parsed.device_events.append(e)
         elif cat in _LAUNCH_CATS:
-            launches[(e.get("args") or {}).get("correlation")] = (thread, float(e["ts"]))
+            parsed.launches[(e.get("args") or {}).get("correlation")] = (thread, float(e["ts"]))
         elif cat == "user_annotation":
             kind = "step" if _STEP_RE.match(name) else "region" if name in regions else "annotation"
-            by_thread[thread].append(_Span(e, kind))
+            parsed.by_thread[thread].append(_Span(e, kind))
         elif cat == "cpu_op":
             span = _Span(e, "backward" if name.startswith(_BACKWARD_PREFIX) else "op")
-            by_thread[thread].append(span)
-            ops.append((thread, span))
+            parsed.by_thread[thread].append(span)
+            parsed.ops.append((thread, span))
+    return parsed
 
-    # Forward ops by autograd sequence number -> the region chain they ran in (outermost first).
-    forward_ops = {}
-    for thread, span in ops:
-        if span.kind == "op" and span.seq is not None and span.seq >= 0 and span.seq not in forward_ops:
-            forward_ops[span.seq] = (thread, span.start)
-    forward_chain = {}
-    for thread, spans in by_thread.items():
-        queries = [(t, seq) for seq, (th, t) in forward_ops.items() if th == thread]
+
+def _forward_regions(parsed: _Parsed) -> dict:
+    """Autograd sequence number of each forward op -> the regions it ran in (outermost first)."""
+    first_seen = {}
+    for thread, span in parsed.ops:
+        if span.kind == "op" and span.seq is not None and span.seq >= 0 and span.seq not in first_seen:
+            first_seen[span.seq] = (thread, span.start)
+    chains = {}
+    for thread, spans in parsed.by_thread.items():
+        queries = [(t, seq) for seq, (th, t) in first_seen.items() if th == thread]
         for seq, stack in _enclosing(spans, queries).items():
-            forward_chain[seq] = [s.name for s in stack if s.kind == "region" and s.name != "forward"]
+            chains[seq] = [s.name for s in stack if s.kind == "region" and s.name != "forward"]
+    return chains
 
-    def chain_of(stack: list[_Span]) -> list[str]:
-        """Tracked regions (outermost first) that own a moment whose open spans are `stack`."""
-        chain, in_backward = [], False
-        for s in stack:
-            if s.kind == "region" and s.name not in chain:
-                chain.append(s.name)
-            elif s.kind == "backward" and not in_backward:
-                in_backward = True
-                if "backward" in regions and "backward" not in chain:
-                    chain.append("backward")
-                chain += [r for r in forward_chain.get(s.seq, []) if r not in chain]
-        return chain
 
-    # Profiled steps: the ProfilerStep#N ranges (of the thread that called prof.step()).
-    step_spans = sorted((s for spans in by_thread.values() for s in spans if s.kind == "step"),
-                        key=lambda s: s.start)
-    steps = max(len(step_spans), 1)
+def _region_chain(stack: list[_Span], forward_chain: dict, regions: tuple[str, ...]) -> list[str]:
+    """Tracked regions (outermost first) that own a moment whose open spans are `stack`: the open regions, and
+    for a backward node the regions of its forward op."""
+    chain, in_backward = [], False
+    for s in stack:
+        if s.kind == "region" and s.name not in chain:
+            chain.append(s.name)
+        elif s.kind == "backward" and not in_backward:
+            in_backward = True
+            if "backward" in regions and "backward" not in chain:
+                chain.append("backward")
+            chain += [r for r in forward_chain.get(s.seq, []) if r not in chain]
+    return chain
 
-    totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    annotations: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for thread, spans in by_thread.items():
+
+def _nested_dict():
+    return defaultdict(lambda: defaultdict(float))
+
+
+def _host_times(parsed: _Parsed, forward_chain: dict, regions: tuple[str, ...]) -> tuple[dict, dict]:
+    """(region totals, annotation totals) of host time: range time (inclusive and exclusive) and backward nodes."""
+    totals, annotations = _nested_dict(), _nested_dict()
+    for spans in parsed.by_thread.values():
         # Exclusive range time: nested tracked regions and backward nodes (which belong to the region of
         # their forward op) are taken out, so range_self_ms + backward_self_ms partition the step.
         outer_backward = _outermost([s for s in spans if s.kind == "backward"])
@@ -185,8 +200,8 @@ def summarize_trace(trace: dict, regions: tuple[str, ...] = REGIONS, top_n: int 
         for span in region_spans:
             totals[span.name]["range_self_ms"] += region_self[id(span)]
         for kind in ("region", "annotation"):
-            names = {s.name for s in spans if s.kind == kind}
-            for name in names:  # outermost occurrence of each name: a region nested in itself counts once
+            for name in {s.name for s in spans if s.kind == kind}:
+                # outermost occurrence of each name: a region nested in itself counts once
                 for span in _outermost([s for s in spans if s.kind == kind and s.name == name]):
                     annotations[name]["calls"] += 1
                     annotations[name]["cpu_ms"] += span.end - span.start
@@ -196,43 +211,51 @@ def summarize_trace(trace: dict, regions: tuple[str, ...] = REGIONS, top_n: int 
         # Backward nodes: outermost evaluate_function spans, attributed to their forward op's regions.
         stacks = _enclosing(spans, [(s.start, id(s)) for s in outer_backward])
         for span in outer_backward:
-            chain = chain_of(stacks[id(span)])
+            chain = _region_chain(stacks[id(span)], forward_chain, regions)
             for region in chain:
                 totals[region]["backward_ms"] += span.end - span.start
             if chain:
                 totals[chain[-1]]["backward_self_ms"] += span.end - span.start
+    return totals, annotations
 
-    # Device time: each kernel goes to the regions open at its launch, on the launching thread.
+
+def _device_times(parsed: _Parsed, forward_chain: dict, regions: tuple[str, ...], totals: dict,
+                  step_spans: list[_Span]) -> tuple[list[float], dict]:
+    """Device time per region (added to `totals`) and per profiled step, and per-kernel totals. Each kernel goes
+    to the regions open at its launch on the launching thread, and to the step it was launched in."""
     step_gpu = [0.0] * len(step_spans)
     step_starts = [s.start for s in step_spans]
     launch_queries: dict[Any, list] = defaultdict(list)
     launch_time = {}
-    for index, e in enumerate(device_events):
-        launch = launches.get((e.get("args") or {}).get("correlation"))
+    for index, e in enumerate(parsed.device_events):
+        launch = parsed.launches.get((e.get("args") or {}).get("correlation"))
         if launch is not None:
             launch_queries[launch[0]].append((launch[1], index))
             launch_time[index] = launch[1]
-    kernel_stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for thread, queries in launch_queries.items():
-        for index, stack in _enclosing(by_thread.get(thread, []), queries).items():
-            e = device_events[index]
-            dur = float(e.get("dur", 0))
-            chain = chain_of(stack)
+        for index, stack in _enclosing(parsed.by_thread.get(thread, []), queries).items():
+            dur = float(parsed.device_events[index].get("dur", 0))
+            chain = _region_chain(stack, forward_chain, regions)
             for region in chain:
                 totals[region]["gpu_ms"] += dur
             if chain:
                 totals[chain[-1]]["gpu_self_ms"] += dur
-            # The step a kernel belongs to: by launch time (backward may launch from another thread).
+            # the step a kernel belongs to: by launch time (backward may launch from another thread)
             k = bisect.bisect_right(step_starts, launch_time[index]) - 1
             if k >= 0 and launch_time[index] <= step_spans[k].end:
                 step_gpu[k] += dur
-    for e in device_events:
+    kernel_stats = _nested_dict()
+    for e in parsed.device_events:
         stat = kernel_stats[e.get("name", "?")]
         stat["calls"] += 1
         stat["total_ms"] += float(e.get("dur", 0))
+    return step_gpu, kernel_stats
 
-    op_stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for thread, spans in by_thread.items():
+
+def _operator_stats(parsed: _Parsed) -> dict:
+    """Calls, total and self host time of every operator and backward node."""
+    op_stats = _nested_dict()
+    for spans in parsed.by_thread.values():
         selfs = _self_times([s for s in spans if s.kind in ("op", "backward", "annotation", "region")])
         for s in spans:
             if s.kind in ("op", "backward"):
@@ -240,30 +263,46 @@ def summarize_trace(trace: dict, regions: tuple[str, ...] = REGIONS, top_n: int 
                 stat["calls"] += 1
                 stat["total_ms"] += s.end - s.start
                 stat["self_ms"] += selfs[id(s)]
+    return op_stats
 
-    has_gpu = bool(device_events)
-    region_rows = {}
+
+def _region_rows(totals: dict, regions: tuple[str, ...], steps: int, has_gpu: bool) -> dict:
+    """Per-step milliseconds of each region, the tracked ones first."""
+    rows = {}
+    keys = ["range_ms", "range_self_ms", "backward_ms", "backward_self_ms"] + (["gpu_ms", "gpu_self_ms"] if has_gpu
+                                                                              else [])
     for name in [r for r in regions if r in totals] + sorted(set(totals) - set(regions)):
         row = totals[name]
-        keys = ["range_ms", "range_self_ms", "backward_ms", "backward_self_ms"]
-        keys += ["gpu_ms", "gpu_self_ms"] if has_gpu else []
-        region_rows[name] = {"calls": round(row["calls"] / steps, 2), **{k: _ms(row[k], steps) for k in keys}}
-        rr = region_rows[name]
+        rr = rows[name] = {"calls": round(row["calls"] / steps, 2), **{k: _ms(row[k], steps) for k in keys}}
         # backward nodes run inside an annotated `backward` range: there the two are the same time
         rr["total_ms"] = (rr["range_ms"] or rr["backward_ms"]) if name == "backward" else round(
             rr["range_ms"] + rr["backward_ms"], 4)
+    return rows
+
+
+def summarize_trace(trace: dict, regions: tuple[str, ...] = REGIONS, top_n: int = TOP_N) -> dict:
+    """Per-region times, per-step totals and top operators/kernels of one Chrome trace from torch.profiler."""
+    parsed = _parse(trace, regions)
+    forward_chain = _forward_regions(parsed)
+    # profiled steps: the ProfilerStep#N ranges (of the thread that called prof.step())
+    step_spans = sorted((s for spans in parsed.by_thread.values() for s in spans if s.kind == "step"),
+                        key=lambda s: s.start)
+    steps = max(len(step_spans), 1)
+    totals, annotations = _host_times(parsed, forward_chain, regions)
+    step_gpu, kernel_stats = _device_times(parsed, forward_chain, regions, totals, step_spans)
+    has_gpu = bool(parsed.device_events)
     return {
         "schema": SUMMARY_SCHEMA,
         "time_basis": TIME_BASIS,
         "profiled_steps": len(step_spans),
         "step_ms": [round((s.end - s.start) / 1000.0, 4) for s in step_spans],
         "step_gpu_ms": [round(t / 1000.0, 4) for t in step_gpu] if has_gpu else None,
-        "regions": region_rows,
+        "regions": _region_rows(totals, regions, steps, has_gpu),
         "annotations": {name: {"calls": round(row["calls"] / steps, 2), "cpu_ms": _ms(row["cpu_ms"], steps)}
                         for name, row in sorted(annotations.items())},
-        "top_operators": _top(op_stats, "self_ms", top_n, steps),
+        "top_operators": _top(_operator_stats(parsed), "self_ms", top_n, steps),
         "top_kernels": _top(kernel_stats, "total_ms", top_n, steps) if has_gpu else [],
-        "peak_allocated_bytes": _memory_peaks(events),
+        "peak_allocated_bytes": _memory_peaks([e for e in trace.get("traceEvents", []) if isinstance(e, dict)]),
     }
 
 

@@ -153,3 +153,12 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     assert "Traceback" not in err
     records = results.read_records(tmp_path, strict=True)
     assert 1 <= len(records) < 4 and all(r["status"] == "ok" for r in records)
+
+
+def test_unwritable_out_is_one_line_and_exit_2(capsys, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    assert main(RUN + ["--out", str(blocked / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"stbench: error: out: cannot write into {blocked / 'run'}"), err

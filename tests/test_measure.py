@@ -219,6 +219,15 @@ def test_nvml_without_our_pid_reports_none(monkeypatch):
     assert sampler.peak_process is None and sampler.peak_device == 4000
 
 
+@pytest.mark.parametrize("used", [0, nvml.NVML_VALUE_NOT_AVAILABLE])
+def test_nvml_zero_or_unavailable_process_memory_is_unknown(monkeypatch, used):
+    """Some containers list this pid with usedGpuMemory 0 (or NVML's not-available value): unknown, not bytes."""
+    import os
+
+    monkeypatch.setattr(nvml, "pynvml", FakeNvml([used], [4000], os.getpid()))
+    assert nvml.process_used_bytes("handle") is None
+
+
 class FakeNvmlDevices:
     """Stands in for pynvml's handle lookups: NVML knows GPUs by prefixed UUID and by its own (PCI) index."""
 

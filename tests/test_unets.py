@@ -109,7 +109,10 @@ def test_random_motion_modules_make_serial_and_mobius_differ():
 
 @torch.no_grad()
 def test_walk_unet_with_the_serial_rule_reproduces_diffusers():
-    """The Mobius rewiring runs diffusers' own submodules; with T(S(h)) at each site it must be UNetMotionModel."""
+    """The Mobius rewiring runs diffusers' own submodules; with T(S(h)) at each site it must be UNetMotionModel.
+
+    This is the guard of the diffusers version bound in pyproject.toml: a release that changes UNetMotionModel's
+    forward fails here before any Mobius figure is wrong."""
     serial = build("serial-unet", zero_init_temporal=False)
     sample, timesteps, text = noisy_batch(serial)
     frames, unet = sample.shape[2], serial.unet

@@ -1,7 +1,6 @@
 """The environment a record was measured in: software versions, hardware, checkout, time."""
 from __future__ import annotations
 
-import datetime
 import functools
 import platform
 import socket
@@ -11,6 +10,8 @@ from pathlib import Path
 import torch
 
 import stbench
+
+from ..units import utc_now
 
 from . import nvml
 
@@ -47,10 +48,6 @@ def git_dirty() -> bool | None:
     """Whether tracked files of the checkout differ from HEAD (the sha alone would not name the code)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     return None if status is None else bool(status)
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def collect_env(device: str | torch.device = "cpu") -> dict:

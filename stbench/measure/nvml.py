@@ -11,6 +11,9 @@ import threading
 
 import torch
 
+# NVML's "not available" marker (0xFFFFFFFFFFFFFFFF) where a driver cannot attribute memory to a process
+NVML_VALUE_NOT_AVAILABLE = 2**64 - 1
+
 try:
     import pynvml
 except ImportError:  # nvidia-ml-py not installed
@@ -68,7 +71,8 @@ def driver_version() -> str | None:
 def process_used_bytes(handle, pid: int | None = None) -> int | None:
     """GPU memory NVML attributes to `pid` (this process by default) on the device; None if not reported.
 
-    Inside containers NVML may report host pids, or no per-process figure at all: then None.
+    Inside containers NVML may report host pids, or no per-process figure at all: then None. Some report the
+    process with a usedGpuMemory of 0 (or NVML's "not available" value): unknown, not 0 bytes.
     """
     pid = os.getpid() if pid is None else pid
     try:
@@ -76,8 +80,9 @@ def process_used_bytes(handle, pid: int | None = None) -> int | None:
     except Exception:
         return None
     for proc in processes:
-        if proc.pid == pid and proc.usedGpuMemory is not None:
-            return int(proc.usedGpuMemory)
+        used = proc.usedGpuMemory
+        if proc.pid == pid and used and used < NVML_VALUE_NOT_AVAILABLE:
+            return int(used)
     return None
 
 

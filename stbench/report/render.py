@@ -89,7 +89,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
     frame = results.load_frame(run)
     records = results.frame_records(frame.drop_duplicates("case_key", keep="last"))
     info = read_run_info(folder)
-    traces = find_traces(folder, records)
+    traces = find_traces(folder, [(results.case_slug(r), r) for r in records])
     traced = [(t["record"], t["summary"]) for t in traces if t["record"] is not None and t["summary"]]
 
     figure_list, frontiers = [], []
