@@ -1,0 +1,36 @@
+"""The project as a newcomer meets it: the files the README names exist, the console script runs."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+# paths in backticks, e.g. `docs/design.md`, `reports/cpu/`, `scripts/setup.sh` (not commands, not RUN/...)
+PATH_IN_BACKTICKS = re.compile(r"`((?:[a-z_.]+/)+[A-Za-z0-9_.-]*|[A-Za-z_]+\.(?:md|py|sh|toml))`")
+
+
+def test_every_file_the_readme_names_exists():
+    named = sorted(set(PATH_IN_BACKTICKS.findall((REPO / "README.md").read_text())))
+    assert named, "the pattern found no path in README.md"
+    missing = [p for p in named if not (REPO / p).exists()]
+    assert not missing, f"README.md names files that do not exist: {missing}"
+
+
+def test_console_script_is_python_dash_m_stbench():
+    script = Path(sys.executable).parent / "stbench"
+    if not script.exists():
+        script = shutil.which("stbench")
+        if script is None:
+            pytest.skip("stbench is not installed as a package here (no console script)")
+    out = subprocess.run([str(script), "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: stbench run")
+    bad = subprocess.run([str(script), "run", "--arch", "no-such-net", "--out", "/nonexistent/x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("stbench: error: arch: unknown architecture")
