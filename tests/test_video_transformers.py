@@ -175,3 +175,17 @@ def test_inspect_and_list_work_on_the_video_transformers(capsys):
     listing = capsys.readouterr().out
     assert "1.3b (1.42B = 1,418,996,800)" in listing and "modes: temporal, full" in listing
     assert "attention: full, window, dsv" in listing
+
+
+def test_suite_grids_run_each_video_transformer_at_its_own_shape():
+    from suites import grid
+
+    def spec(device):
+        return grid.grid_spec(lambda name: {"device": device}.get(name))
+
+    tiny = [e for e in grid.family_entries("video-transformer", spec("cpu"))]
+    assert all(e.case is not None for e in tiny) and {e.case.arch for e in tiny} == set(FAMILIES)
+    assert all(e.case.preset == "tiny" and e.case.mode == "full" for e in tiny)
+    full = [e.case for e in grid.family_entries("video-transformer", spec("cuda")) if e.case is not None]
+    assert {(c.arch, c.preset, c.resolution, c.frames, c.dtype) for c in full} == {
+        ("wan", "1.3b", 480, 81, "bf16"), ("cogvideox", "2b", 480, 49, "bf16")}
