@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
 from .registry import Architecture, register
 from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
                                  video_grid)
@@ -52,6 +48,8 @@ class CogVideoX(DiffusersVideoModel):
     sample_size = (60, 90)  # latent (h, w) of 480x720, the trained size; RoPE crops are relative to it
 
     def __init__(self, config: CogVideoXConfig):
+        from diffusers import CogVideoXDDIMScheduler
+
         super().__init__(config)
         # the published schedule: scaled-linear betas, zero terminal SNR, SNR shifted by snr_shift_scale
         scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -61,6 +59,8 @@ class CogVideoX(DiffusersVideoModel):
         self._rope_cache: dict = {}
 
     def build_transformer(self, config: CogVideoXConfig):
+        from diffusers import CogVideoXTransformer3DModel  # on use: it pulls in scipy and more
+
         return CogVideoXTransformer3DModel(
             num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,
             in_channels=self.latent_channels, out_channels=self.latent_channels,
@@ -76,6 +76,8 @@ class CogVideoX(DiffusersVideoModel):
     def rotary_embedding(self, grid, device):  # -> (cos, sin), each (F*h*w, head_dim); as the pipeline makes it
         key = (grid, str(device))
         if key not in self._rope_cache:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
             base = tuple(s // self.patch[1] for s in self.sample_size)
             crops = crop_region(grid[1:], base)
             self._rope_cache[key] = get_3d_rotary_pos_embed(

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import HunyuanVideoTransformer3DModel
 
 from .registry import Architecture, register
 from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
@@ -51,6 +50,8 @@ class HunyuanVideo(DiffusersVideoModel):
     patch = (1, 2, 2)
 
     def build_transformer(self, config: HunyuanVideoConfig):
+        from diffusers import HunyuanVideoTransformer3DModel  # on use: it pulls in scipy and more
+
         return HunyuanVideoTransformer3DModel(
             in_channels=self.latent_channels, out_channels=self.latent_channels,
             num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,

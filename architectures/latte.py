@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import DDPMScheduler, LatteTransformer3DModel
-
 from .registry import Architecture, register
 from .video_transformers import DiffusersVideoModel, SwapSettings, check_latent_shape
 
@@ -40,11 +38,16 @@ class Latte(DiffusersVideoModel):
     temporal_prefixes = ("temporal_transformer_blocks.",)
 
     def __init__(self, config: LatteConfig):
+        from diffusers import DDPMScheduler
+
         super().__init__(config)
         # Latte trains on DiT's linear schedule (betas 1e-4..0.02), not SD's scaled-linear one
-        self.alphas_cumprod = DDPMScheduler(beta_schedule="linear").alphas_cumprod.float().to(self.alphas_cumprod.device)
+        schedule = DDPMScheduler(beta_schedule="linear").alphas_cumprod
+        self.alphas_cumprod = schedule.float().to(self.alphas_cumprod.device)
 
     def build_transformer(self, config: LatteConfig):
+        from diffusers import LatteTransformer3DModel  # on use: it pulls in scipy and more
+
         inner = config.num_attention_heads * config.attention_head_dim
         return LatteTransformer3DModel(
             num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,

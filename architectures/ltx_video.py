@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import LTXVideoTransformer3DModel
 
 from .registry import Architecture, register
 from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
@@ -42,6 +41,8 @@ class LTXVideo(DiffusersVideoModel):
     patch = (1, 1, 1)
 
     def build_transformer(self, config: LTXVideoConfig):
+        from diffusers import LTXVideoTransformer3DModel  # on use: it pulls in scipy and more
+
         inner = config.num_attention_heads * config.attention_head_dim
         return LTXVideoTransformer3DModel(
             in_channels=self.latent_channels, out_channels=self.latent_channels, patch_size=1, patch_size_t=1,

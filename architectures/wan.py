@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import WanTransformer3DModel
-
 from .registry import Architecture, register
 from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
                                  video_grid)
@@ -39,6 +37,8 @@ class Wan(DiffusersVideoModel):
     patch = (1, 2, 2)
 
     def build_transformer(self, config: WanConfig):
+        from diffusers import WanTransformer3DModel  # on use: it pulls in scipy and more
+
         return WanTransformer3DModel(
             patch_size=self.patch, num_attention_heads=config.num_attention_heads,
             attention_head_dim=config.attention_head_dim, in_channels=self.latent_channels,

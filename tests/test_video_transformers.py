@@ -189,3 +189,15 @@ def test_suite_grids_run_each_video_transformer_at_its_own_shape():
     full = [e.case for e in grid.family_entries("video-transformer", spec("cuda")) if e.case is not None]
     assert {(c.arch, c.preset, c.resolution, c.frames, c.dtype) for c in full} == {
         ("wan", "1.3b", 480, 81, "bf16"), ("cogvideox", "2b", 480, 49, "bf16")}
+
+
+@pytest.mark.parametrize("attention", ["full", "window"])
+def test_video_transformers_run_on_fake_tensors(attention):
+    """`predict` runs the real step on fake tensors: no data-dependent Python outside DSV."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for arch in FAMILIES:
+        frames, res = TINY_SHAPE[arch]
+        with FakeTensorMode():
+            model = architectures.build(arch, "tiny", attention=attention).set_training_mode("full").train()
+            model.loss(model.make_batch(1, frames, res, res)).backward()

@@ -88,7 +88,7 @@ class SwappedAttnProcessor(nn.Module):
     def __init__(self, inner, kind: str, heads: int, head_dim: int, cfg, text: str = "none"):
         super().__init__()
         if kind not in ATTENTION_CHOICES[1:]:
-            raise ValueError(f"attention: {kind!r} needs no processor or is unknown; legal: {', '.join(ATTENTION_CHOICES)}")
+            raise ValueError(f"attention: a processor for {kind!r}; legal: {', '.join(ATTENTION_CHOICES[1:])}")
         if text not in TEXT_POSITIONS:
             raise ValueError(f"text: {text!r}; legal: {', '.join(TEXT_POSITIONS)}")
         self.inner, self.kind, self.text, self.head_dim = inner, kind, text, head_dim
