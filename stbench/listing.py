@@ -28,12 +28,13 @@ def _count(n: int) -> str:
 def describe(arch: str, with_params: bool = True) -> dict:
     spec = architectures.get(arch)
     presets = {p: (count_parameters(arch, p) if with_params else None) for p in spec.presets}
-    attention = spec.attention or (("full",) if spec.family != "dit" else (_dit_attention(spec),))
+    default = {"dit": (_dit_attention(spec),) if spec.family == "dit" else (), "user": ("the model's own",)}
+    attention = spec.attention or default.get(spec.family) or ("full",)
     return {"arch": arch, "family": spec.family, "presets": presets, "attention": attention, "modes": spec.modes,
             "description": spec.description}
 
 
-def _dit_attention(spec) -> str:  # the home-made DiT fixes its attention kind per architecture name
+def _dit_attention(spec) -> str:  # the home-made DiT names its default attention kind per architecture
     return spec.presets[next(iter(spec.presets))]().attention
 
 
