@@ -10,6 +10,7 @@ import torch.nn.functional as F
 LATENT_SCALE = 8  # pixels per latent cell (the SD VAE's downsampling)
 TRAINING_MODES = ("temporal", "full")
 NUM_TRAIN_TIMESTEPS = 1000
+OBJECTIVES = ("eps", "v", "flow")  # noise, velocity (v) prediction on the DDPM schedule; rectified flow
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,15 @@ def scaled_linear_alphas_cumprod(steps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tens
 
 
 class VideoModel(nn.Module):
-    """Base class of all stbench models: noise-prediction training on latent video."""
+    """Base class of all stbench models: diffusion training on latent video."""
 
+    # The latent space and objective a model was published with; the defaults are SD1.5's (4 channels,
+    # /8 VAE per frame, CLIP text, eps-prediction), which the UNets and the home-made DiT use.
     latent_channels: int = 4
+    spatial_compression: int = LATENT_SCALE
+    temporal_compression: int = 1  # a causal video VAE keeps the first frame: F -> 1 + (F - 1) / t
     text_tokens: int = 77
+    objective: str = "eps"
 
     def __init__(self, config):
         super().__init__()
@@ -68,13 +74,24 @@ class VideoModel(nn.Module):
         return {}
 
     # --- shared behaviour ----------------------------------------------------------------------
+    def latent_frames(self, frames: int) -> int:
+        t = self.temporal_compression
+        return frames if t == 1 else 1 + (frames - 1) // t
+
+    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+        """(B, C, F', h, w) of the latents of a `frames` x `height` x `width` pixel video."""
+        s = self.spatial_compression
+        if height % s or width % s:
+            raise ValueError(f"height and width must be multiples of {s}, got {height}x{width}")
+        if self.temporal_compression > 1 and (frames - 1) % self.temporal_compression:
+            raise ValueError(f"frames must be 1 + a multiple of {self.temporal_compression}, got {frames}")
+        return (batch, self.latent_channels, self.latent_frames(frames), height // s, width // s)
+
     def make_batch(self, batch: int, frames: int, height: int, width: int, *, device="cpu",
                    dtype=torch.float32, seed: int = 0) -> VideoBatch:
         """Random latents/noise/text for a video of `frames` x `height` x `width` pixels."""
-        if height % LATENT_SCALE or width % LATENT_SCALE:
-            raise ValueError(f"height and width must be multiples of {LATENT_SCALE}, got {height}x{width}")
         g = torch.Generator().manual_seed(seed)
-        shape = (batch, self.latent_channels, frames, height // LATENT_SCALE, width // LATENT_SCALE)
+        shape = self.latent_shape(batch, frames, height, width)
         out = VideoBatch(
             latents=torch.randn(shape, generator=g),
             noise=torch.randn(shape, generator=g),
@@ -84,14 +101,25 @@ class VideoModel(nn.Module):
         return out.to(device=device, dtype=dtype)
 
     def add_noise(self, latents, noise, timesteps):  # -> (B, C, F, h, w)
+        if self.objective == "flow":  # rectified flow: x_t = (1 - sigma) x_0 + sigma noise, sigma = t / T
+            sigma = (timesteps.to(latents.dtype) / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1, 1, 1)
+            return (1 - sigma) * latents + sigma * noise
         a = self.alphas_cumprod.to(latents.device)[timesteps].to(latents.dtype).view(-1, 1, 1, 1, 1)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
+    def target(self, batch: VideoBatch) -> torch.Tensor:  # -> (B, C, F, h, w) what the model predicts
+        if self.objective == "flow":
+            return batch.noise - batch.latents  # the velocity of the straight path
+        if self.objective == "v":
+            a = self.alphas_cumprod.to(batch.latents.device)[batch.timesteps].view(-1, 1, 1, 1, 1)
+            return a.sqrt() * batch.noise.float() - (1 - a).sqrt() * batch.latents.float()
+        return batch.noise
+
     def loss(self, batch: VideoBatch) -> torch.Tensor:
-        """Noise-prediction MSE, computed in fp32."""
+        """MSE against the model's objective (eps, v or flow velocity), computed in fp32."""
         noisy = self.add_noise(batch.latents, batch.noise, batch.timesteps)
         pred = self(noisy, batch.timesteps, batch.text)  # (B, C, F, h, w)
-        return F.mse_loss(pred.float(), batch.noise.float())
+        return F.mse_loss(pred.float(), self.target(batch).float())
 
     def parameter_groups(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}

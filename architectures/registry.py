@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 import torch
 
-from .base import VideoModel
+from .base import TRAINING_MODES, VideoModel
 
-FAMILY_MODULES = ("architectures.unet_serial", "architectures.unet_mobius", "architectures.dit")
+FAMILY_MODULES = ("architectures.unet_serial", "architectures.unet_mobius", "architectures.dit", "architectures.wan",
+                  "architectures.cogvideox", "architectures.hunyuan_video", "architectures.ltx_video",
+                  "architectures.latte")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Architecture:
     description: str = ""
     # raises ValueError when the model cannot take a (frames, height, width) pixel shape
     check_shape: Callable[[Any, int, int, int], None] | None = None
+    modes: tuple[str, ...] = TRAINING_MODES  # `temporal` only where spatial and temporal parameters separate
+    attention: tuple[str, ...] = ()  # choices of --set attention=..., where the model has them
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -53,6 +57,10 @@ def names() -> list[str]:
 
 def get(name: str) -> Architecture:
     _load()
+    if ":" in name:  # package.module:factory, the user's own model
+        from .user import resolve
+
+        return resolve(name)
     if name not in _REGISTRY:
         raise KeyError(f"unknown architecture {name!r}; legal: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

@@ -192,5 +192,6 @@ register(Architecture(
     check_shape=check_unet_shape))
 register(Architecture(
     name="mobius-ladder-unet", family="unet", config_cls=UNetConfig, presets=UNET_PRESETS, build=MobiusLadderUNet,
-    description="Mobius decoupled 3D-UNet: frozen per-frame image UNet + motion-module side stream (zero-init bridges)",
+    description="Mobius, side-stream reading: the frozen per-frame image UNet never sees temporal features; "
+                "motion modules run in a side stream (zero-init bridges) that rejoins at the output",
     check_shape=check_unet_shape))

@@ -13,6 +13,7 @@ COMMANDS = {
     "report": ("stbench.report", "render the self-contained HTML report of a run"),
     "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
     "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
+    "list": ("stbench.listing", "list architectures: family, presets with parameter counts, attention, modes"),
 }
 
 

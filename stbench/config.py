@@ -88,14 +88,16 @@ class Case:
     def __post_init__(self):
         try:
             arch = architectures.get(self.arch)
-        except KeyError:
-            raise UserError(f"arch: unknown architecture {self.arch!r}; legal: "
-                            f"{', '.join(architectures.names())}") from None
+        except KeyError as e:
+            raise UserError(f"arch: {e.args[0]}") from None
         if self.preset not in arch.presets:
             raise UserError(f"preset: unknown preset {self.preset!r} for {self.arch}; legal: "
                             f"{', '.join(arch.presets)}")
         if self.mode not in TRAINING_MODES:
             raise UserError(f"mode: {self.mode!r} is not legal; legal: {', '.join(TRAINING_MODES)}")
+        if self.mode not in arch.modes:
+            raise UserError(f"mode: {self.mode!r} is not available for {self.arch} (no separable temporal "
+                            f"layers); legal: {', '.join(arch.modes)}")
         for name in ("batch", "frames", "resolution"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -15,7 +15,7 @@ import pytest
 
 from suites import grid
 
-SUITE_FAMILIES = {"test_unet": "unet", "test_dit": "dit"}
+SUITE_FAMILIES = {"test_unet": "unet", "test_dit": "dit", "test_video_transformer": "video-transformer"}
 
 
 def pytest_addoption(parser):

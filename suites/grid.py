@@ -10,9 +10,19 @@ from stbench.errors import UserError
 
 UNET_ARCHS = ("serial-unet", "mobius-unet", "mobius-ladder-unet", "modelscope-unet")
 DIT_ARCHS = ("dit-full", "dit-window", "dit-serial-st", "dit-parallel-st", "dit-dsv")
-FAMILY_ARCHS = {"unet": UNET_ARCHS, "dit": DIT_ARCHS}
-# UNets are measured in both Mobius settings; the DiTs (DSV) train every layer.
-FAMILY_MODES = {"unet": ("temporal", "full"), "dit": ("full",)}
+VIDEO_TRANSFORMER_ARCHS = ("wan", "cogvideox", "hunyuan-video", "ltx-video", "latte")
+FAMILY_ARCHS = {"unet": UNET_ARCHS, "dit": DIT_ARCHS, "video-transformer": VIDEO_TRANSFORMER_ARCHS}
+# UNets are measured in both Mobius settings; the DiTs (DSV) and the video transformers train every layer.
+FAMILY_MODES = {"unet": ("temporal", "full"), "dit": ("full",), "video-transformer": ("full",)}
+# The video transformers take only the frame counts and sizes their VAEs map onto whole patches, so without
+# --stbench-resolution/--stbench-frames each runs at its own shape: (preset, resolution, frames) per grid.
+# Full grid: Wan2.1 1.3B and CogVideoX 2B at their trained frame counts (81, 49) and 480-pixel height, square
+# because a Case has one resolution (their trained frames are 832x480 and 720x480).
+NATIVE_SHAPES = {
+    "tiny": {"wan": ("tiny", 64, 9), "cogvideox": ("tiny", 64, 9), "hunyuan-video": ("tiny", 64, 9),
+             "ltx-video": ("tiny", 128, 9), "latte": ("tiny", 64, 8)},
+    "full": {"wan": ("1.3b", 480, 81), "cogvideox": ("2b", 480, 49)},
+}
 GRIDS = ("tiny", "full")
 FULL_PRESETS = {"unet": "sd15", "dit": "0.8b"}  # SD1.5 + AnimateDiff; DSV's 0.8B DiT
 
@@ -52,6 +62,7 @@ class GridSpec:
     warmup: int
     out: str
     overrides: tuple[tuple[str, str], ...] = ()  # raw --set pairs, as in stbench.config.Case
+    native_shapes: bool = True  # no resolution/frames given: the video transformers use NATIVE_SHAPES
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -101,7 +112,8 @@ def grid_spec(get) -> GridSpec:
         frames=_ints("frames", get("frames"), (8, 16, 24) if full else (4, 8)),
         batches=_ints("batch", get("batch"), (1, 2) if full else (1,)),
         dtype=get("dtype") or ("bf16" if full else "fp32"),
-        rounds=rounds, warmup=warmup, out=get("out") or DEFAULT_OUT, overrides=overrides)
+        rounds=rounds, warmup=warmup, out=get("out") or DEFAULT_OUT, overrides=overrides,
+        native_shapes=get("resolution") is None and get("frames") is None)
 
 
 def env_get(name: str) -> str | None:
@@ -147,12 +159,20 @@ def family_entries(family: str, spec: GridSpec) -> list[GridEntry]:
         if architectures.get(arch).family != family:
             continue
         preset = spec.preset or ("tiny" if spec.grid == "tiny" else full_preset(arch))
+        resolutions, frame_counts = spec.resolutions, spec.frames
+        if family == "video-transformer" and spec.native_shapes:
+            native = NATIVE_SHAPES[spec.grid].get(arch)
+            if native is None:
+                entries.append(GridEntry(f"{arch}-not-in-{spec.grid}-grid", None,
+                                         f"{arch} has no {spec.grid}-grid shape (ask with --stbench-arch and a shape)"))
+                continue
+            preset, resolutions, frame_counts = spec.preset or native[0], (native[1],), (native[2],)
         if preset is None:
             entries.append(GridEntry(f"{arch}-no-full-preset", None, f"{arch} has no full-size preset"))
             continue
         for mode in spec.modes or FAMILY_MODES[family]:
-            for resolution in spec.resolutions:
-                for frames in spec.frames:
+            for resolution in resolutions:
+                for frames in frame_counts:
                     for batch in spec.batches:
                         identity = dict(arch=arch, preset=preset, mode=mode, batch=batch, frames=frames,
                                         resolution=resolution, dtype=spec.dtype, device=spec.device)

@@ -1,0 +1,1 @@
+"""Examples of bringing your own model to stbench (`--arch examples.MODULE:FACTORY`)."""
