@@ -144,7 +144,9 @@ def run_case_isolated(case: Case, *, repeats: int = 5, warmup: int = 2, trace_di
         record["status"] = "error"
         output = log.read_text(errors="replace")
         hint = " (the system may have run out of memory)" if code == -signal.SIGKILL else ""
-        record["error"] = _tail(f"child process died ({_signal_name(code)}){hint}\n{_tail(output)}")
+        # the header first and whole: a long child log must not push it out of the kept tail
+        record["error"] = f"child process died ({_signal_name(code)}){hint}\n" + _tail(
+            output, lines=ERROR_TAIL_LINES - 1, chars=ERROR_TAIL_CHARS)
         return record
 
 
