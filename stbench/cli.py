@@ -13,6 +13,7 @@ COMMANDS = {
     "report": ("stbench.report", "render the self-contained HTML report of a run"),
     "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
     "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
+    "predict": ("stbench.predict.command", "predict peak memory and step time on named GPUs, without a GPU"),
 }
 
 

@@ -23,7 +23,7 @@ import architectures
 from . import results
 from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
-from .measure import activations, env, flops, memory, nvml, timing
+from .measure import activations, env, flops, host, memory, nvml, timing
 from .results import RUN_FILE
 from .units import format_bytes
 
@@ -64,6 +64,7 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
             warnings.append(f"nvml: the CUDA context and libraries held {context / 2**20:.0f} MiB before the "
                             f"model was built (included in nvml_peak_process)")
 
+    host_baseline = host.resident_bytes() if device.type == "cpu" else None
     step = TrainingStep(case)
     model = step.model
     record["params_total"] = sum(p.numel() for p in model.parameters())
@@ -74,8 +75,10 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
     record["warmup"] = warmup = step.warmup_steps(warmup)
     timing.warm_up(step, warmup, device)
     memory.reset_peaks(device)
+    host_reset = host_baseline is not None and host.reset_peak()
     with nvml.NvmlSampler(device) as sampler:
         times = time_steps(step, repeats, device)
+    record["host_peak_bytes"] = host.peak_growth(host_baseline, host_reset)
     record.update(times.as_record_fields())
     warnings.extend(times.warnings)
     record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)

@@ -1,0 +1,172 @@
+"""`python -m stbench predict`: peak memory and step time of training steps on named GPUs, without a GPU."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import architectures
+
+from .. import results
+from ..config import DTYPES, Case, parse_set_options
+from ..errors import UserError
+from ..measure import env
+from ..runner import _int_list, open_run_folder
+from ..units import format_bytes
+from . import hardware as hw
+from .estimate import predict_case
+
+MAX_FRAMES = 4096  # the frontier search stops here
+
+
+@dataclass(frozen=True)
+class PredictSweep:
+    """The grid `predict` covers: cases x hardware (recorded in run.json like `run`'s sweep)."""
+
+    archs: tuple[str, ...]
+    hardware: tuple[str, ...]
+    resolutions: tuple[int, ...] = (256,)
+    frames: tuple[int, ...] = (16,)
+    batches: tuple[int, ...] = (1,)
+    preset: str = "tiny"
+    mode: str = "temporal"
+    dtype: str | None = None  # None: bf16 on GPUs, fp32 on the CPU
+    overrides: tuple[tuple[str, str], ...] = ()
+    frontier: bool = False
+
+    def __post_init__(self):
+        for name in ("archs", "hardware", "resolutions", "frames", "batches"):
+            if not getattr(self, name):
+                raise UserError(f"{name}: needs at least one value")
+        unknown = [h for h in self.hardware if h not in hw.NAMES]
+        if unknown:
+            raise UserError(f"hardware: unknown {', '.join(map(repr, unknown))}; legal: {', '.join(hw.NAMES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"dtype: {self.dtype!r} is not legal; legal: {', '.join(DTYPES)}")
+
+    def dtype_for(self, name: str) -> str:
+        return self.dtype or ("fp32" if name == "cpu" else "bf16")
+
+    def case(self, arch: str, hardware: str, resolution: int, frames: int, batch: int) -> Case:
+        """A validated case (UserError on bad input); predicted cases are traced on the CPU."""
+        return Case(arch=arch, preset=self.preset, mode=self.mode, batch=batch, frames=frames,
+                    resolution=resolution, dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="comma-separated architectures (see `stbench inspect`)")
+    parser.add_argument("--preset", default="tiny", help="size preset: tiny (default), small, or the full-size preset")
+    parser.add_argument("--resolution", default="256", help="comma-separated square sizes in pixels (default 256)")
+    parser.add_argument("--frames", default="16", help="comma-separated frame counts (default 16)")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES,
+                        help="temporal: spatial layers frozen (video fine-tuning); full: everything trains")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bf16 on GPUs, "
+                        "fp32 for --hardware cpu)")
+    parser.add_argument("--hardware", default="h100-sxm", help=f"comma-separated targets: {', '.join(hw.NAMES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field (repeatable); recorded in the results")
+    parser.add_argument("--frontier", action="store_true",
+                        help="per arch, hardware, resolution and batch: the largest frame count predicted to fit")
+    parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/predict-<UTC time>)")
+
+
+def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
+    names = tuple(h.strip() for h in args.hardware.split(",") if h.strip())
+    sweep = PredictSweep(archs=tuple(a.strip() for a in args.arch.split(",") if a.strip()), hardware=names,
+                         resolutions=_int_list(args.resolution, "resolution"), frames=_int_list(args.frames, "frames"),
+                         batches=_int_list(args.batch, "batch"), preset=args.preset, mode=args.mode, dtype=args.dtype,
+                         overrides=parse_set_options(args.set), frontier=args.frontier)
+    for arch in sweep.archs:  # every case is checked before anything is written
+        for name in sweep.hardware:
+            for r in sweep.resolutions:
+                for f in sweep.frames:
+                    for b in sweep.batches:
+                        sweep.case(arch, name, r, f, b)
+    return sweep
+
+
+class Predictor:
+    """Predicts cases into a run folder: appends a record per new (case, hardware), reuses recorded ones."""
+
+    def __init__(self, out: Path, done: dict[str, dict], echo=print):
+        self.out, self.done, self.echo = out, done, echo
+
+    def __call__(self, case: Case, target: hw.Hardware) -> dict:
+        key = results.case_key({**case.identity(), "device": target.name})
+        if key in self.done:
+            return self.done[key]
+        record = predict_case(case, target)
+        results.append_record(self.out / results.RESULTS_FILE, record)
+        self.done[key] = record
+        self.echo(describe(record))
+        return record
+
+
+def describe(record: dict) -> str:
+    p = record.get("predicted") or {}
+    what = (f"{record['arch']} {record['resolution']}px x{record['frames']} b{record['batch']} {record['dtype']} "
+            f"on {record['device']}")
+    if not p:
+        return f"error {what}: {(record.get('error') or '').splitlines()[-1:]}"
+    text = f"{record['status']:5s} {what}: predicted peak {format_bytes(p['peak_bytes'])}"
+    if p.get("step_ms") is not None:
+        text += f", step {p['step_ms']:.1f} ms (compute {p['compute_ms']:.1f}, memory {p['memory_ms']:.1f})"
+    return text
+
+
+def frontier(predict, make_case, target: hw.Hardware, limit: int = MAX_FRAMES) -> tuple[int | None, int | None]:
+    """(largest frame count predicted to fit, smallest that does not), by doubling then bisection."""
+    def fits(frames: int) -> bool | None:
+        try:
+            case = make_case(frames)
+        except UserError:
+            return None  # not a legal shape for this architecture
+        record = predict(case, target)
+        return record["status"] == "ok"
+
+    if not fits(1):
+        return None, 1
+    good, bad = 1, None
+    while bad is None and good < limit:
+        probe = min(good * 2, limit)
+        if fits(probe):
+            good = probe
+        else:
+            bad = probe
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, bad
+
+
+def execute(args: argparse.Namespace) -> int:
+    sweep = sweep_from_args(args)
+    out = Path(args.out or f"runs/predict-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
+    argv = getattr(args, "argv", None)
+    command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
+    open_run_folder(out, sweep, command, args.resume)
+    path = out / results.RESULTS_FILE
+    done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
+    predict = Predictor(out, done)
+    targets = [hw.get(name) for name in sweep.hardware]
+    for arch in sweep.archs:
+        for target in targets:
+            for r in sweep.resolutions:
+                for b in sweep.batches:
+                    if sweep.frontier:
+                        good, bad = frontier(predict, lambda f: sweep.case(arch, target.name, r, f, b), target)
+                        print(f"frontier {arch} {r}px b{b} on {target.name}: largest fitting frames "
+                              f"{good if good is not None else 'none'}"
+                              f"{'' if bad is None else f' ({bad} does not fit)'} (predicted)")
+                        continue
+                    for f in sweep.frames:
+                        predict(sweep.case(arch, target.name, r, f, b), target)
+    print(f"stbench: predictions -> {path}", file=sys.stderr)
+    return 0
