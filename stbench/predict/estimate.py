@@ -25,7 +25,8 @@ def foreach_for(hardware: Hardware) -> bool:
 
 
 def breakdown(trace: fake.StepTrace, peak_bytes: int) -> dict:
-    """What is alive at the steady-state step's peak of live bytes, by kind; transient is the rest of peak_bytes."""
+    """What is alive at the steady-state step's peak of live bytes, by kind (params include buffers, activations
+    the batch); transient is the rest of `peak_bytes` (the CUDA context excluded): temporaries, rounding, cache."""
     live, best, at = {}, -1, trace.measure_from
     total = 0
     for index, (sign, key, nbytes) in enumerate(trace.events):
@@ -56,7 +57,7 @@ def prediction(trace: fake.StepTrace, hardware: Hardware) -> dict:
     flops = sum(op.flops for op in trace.ops)
     predicted = {"hardware": hardware.name, "peak_bytes": peak, "fits": not bounded.out_of_memory,
                  "step_ms": None, "compute_ms": None, "memory_ms": None, "flops": flops, "mfu": None,
-                 "breakdown": breakdown(trace, peak), "allocated_bytes": unlimited.peak_allocated,
+                 "breakdown": breakdown(trace, unlimited.peak_reserved), "allocated_bytes": unlimited.peak_allocated,
                  "reserved_bytes": unlimited.peak_reserved, "context_bytes": hardware.context_bytes,
                  "memory_bytes": hardware.memory_bytes, "kernels": len(trace.ops)}
     if time is not None:
