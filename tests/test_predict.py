@@ -161,3 +161,24 @@ def test_predict_command_writes_resumes_and_rejects_bad_input(tmp_path, capsys):
     assert err.startswith("stbench: error: hardware: unknown 'h100'; legal: h100-sxm") and "\n" not in err
     assert main(["predict", "--arch", TOY_ARCH, "--resolution", "12", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_report_shows_predictions_labelled_with_their_error(tmp_path, toy_case):
+    from stbench.report import predicted as section
+    from stbench.report.render import render_report
+
+    case = toy_case(resolution=32, frames=4)
+    measured = runner.run_case(case, repeats=1)
+    for record in (measured, estimate.predict_case(case, hardware.get("cpu")),
+                   estimate.predict_case(case, hardware.get("h100-sxm"))):
+        results.append_record(tmp_path / results.RESULTS_FILE, record)
+    context = section.section(results.read_records(tmp_path))
+    by_hardware = {row["p"]["hardware"]: row for row in context["rows"]}
+    cpu = by_hardware["cpu"]
+    assert cpu["measured_peak"] == measured["host_peak_bytes"]
+    assert cpu["peak_error"] == pytest.approx(cpu["p"]["peak_bytes"] / measured["host_peak_bytes"] - 1)
+    assert by_hardware["h100-sxm"]["measured"] is None  # measured on the CPU, not on an H100
+    assert context["compared"] == 1 and context["figure"] is not None
+    html = render_report(tmp_path).read_text()
+    assert "Predicted (stbench predict; not measurements)" in html and "What fits on which GPU (predicted)" in html
+    assert "OOM frontier" not in html  # predictions never enter the measured figures

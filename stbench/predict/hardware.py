@@ -33,6 +33,7 @@ class Hardware:
     caching_allocator: bool = True  # CUDA's caching allocator rounds and caches blocks; the CPU's does not
     launch_floor_us: float = 4.0
     sources: dict = field(default_factory=dict)
+    gpu_pattern: str | None = None  # matches torch.cuda.get_device_name() of this GPU (measured records' env.gpu)
 
     def __post_init__(self):
         if self.memory_bytes <= 0:
@@ -47,8 +48,8 @@ class Hardware:
         return value * 1e12 if value else None
 
 
-def _gpu(name, label, memory, bandwidth, bf16, tf32, fp32, datasheet, memory_note=""):
-    return Hardware(name=name, label=label, memory_bytes=memory, bandwidth_bytes_s=bandwidth,
+def _gpu(name, label, pattern, memory, bandwidth, bf16, tf32, fp32, datasheet, memory_note=""):
+    return Hardware(name=name, label=label, gpu_pattern=pattern, memory_bytes=memory, bandwidth_bytes_s=bandwidth,
                     peak_tflops={"bf16": bf16, "fp16": bf16, "tf32": tf32, "fp32": fp32},
                     sources={"memory": datasheet + memory_note, "bandwidth": datasheet, "peaks": datasheet,
                              "context_bytes": CONTEXT_SOURCE, "launch_floor_us": LAUNCH_SOURCE})
@@ -65,14 +66,14 @@ def _cpu() -> Hardware:
 
 # Memory sizes are the marketed GB (10^9 bytes); a GPU exposes slightly less to processes (ECC, reserved).
 HARDWARE: dict[str, Hardware] = {h.name: h for h in (
-    _gpu("h100-sxm", "H100 SXM5 80GB", 80 * GB, 3.35e12, 989.4, 494.7, 66.9, H100_DATASHEET),
-    _gpu("h100-pcie", "H100 PCIe 80GB", 80 * GB, 2.0e12, 756.5, 378.0, 51.2, H100_DATASHEET),
-    _gpu("h200", "H200 SXM 141GB", 141 * GB, 4.8e12, 989.4, 494.7, 66.9, H200_DATASHEET),
-    _gpu("a100-80g", "A100 SXM4 80GB", 80 * GB, 2.039e12, 312.0, 156.0, 19.5, A100_DATASHEET),
-    _gpu("a100-40g", "A100 SXM4 40GB", 40 * GB, 1.555e12, 312.0, 156.0, 19.5, A100_DATASHEET),
-    _gpu("l40s", "L40S 48GB", 48 * GB, 864e9, 362.05, 183.0, 91.6, L40S_DATASHEET),
-    _gpu("l4", "L4 24GB", 24 * GB, 300e9, 121.0, 60.0, 30.3, L4_DATASHEET),
-    _gpu("rtx4090", "GeForce RTX 4090 24GB", 24 * GB, 1008e9, 165.2, 82.6, 82.6, ADA_WHITEPAPER),
+    _gpu("h100-sxm", "H100 SXM5 80GB", r"H100(?!.*(PCIe|NVL))", 80 * GB, 3.35e12, 989.4, 494.7, 66.9, H100_DATASHEET),
+    _gpu("h100-pcie", "H100 PCIe 80GB", r"H100.*PCIe", 80 * GB, 2.0e12, 756.5, 378.0, 51.2, H100_DATASHEET),
+    _gpu("h200", "H200 SXM 141GB", r"(?<!G)H200(?!.*NVL)", 141 * GB, 4.8e12, 989.4, 494.7, 66.9, H200_DATASHEET),
+    _gpu("a100-80g", "A100 SXM4 80GB", r"A100.*80GB", 80 * GB, 2.039e12, 312.0, 156.0, 19.5, A100_DATASHEET),
+    _gpu("a100-40g", "A100 SXM4 40GB", r"A100.*40GB", 40 * GB, 1.555e12, 312.0, 156.0, 19.5, A100_DATASHEET),
+    _gpu("l40s", "L40S 48GB", r"L40S", 48 * GB, 864e9, 362.05, 183.0, 91.6, L40S_DATASHEET),
+    _gpu("l4", "L4 24GB", r"\bL4\b", 24 * GB, 300e9, 121.0, 60.0, 30.3, L4_DATASHEET),
+    _gpu("rtx4090", "GeForce RTX 4090 24GB", r"RTX 4090", 24 * GB, 1008e9, 165.2, 82.6, 82.6, ADA_WHITEPAPER),
 )}
 NAMES = (*HARDWARE, "cpu")
 

@@ -13,7 +13,7 @@ from .. import results
 from ..errors import UserError
 from ..trace import SUMMARY_FILE, load_summary
 from ..units import format_bytes
-from . import figures, verdict
+from . import figures, predicted, verdict
 
 TRACES_DIR = "traces"
 REPORT_FILE = "report.html"
@@ -141,8 +141,9 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
     traces = find_traces(folder, records)
     traced = [(t["record"], t["summary"]) for t in traces if t["record"] is not None and t["summary"]]
 
+    measured = [r for r in records if not predicted.is_predicted(r)]  # predictions only in their own section
     figure_list, frontiers = [], []
-    for label, group in figures.groups(records):
+    for label, group in figures.groups(measured):
         for x_field, panel in (("frames", "resolution"), ("resolution", "frames")):
             figure_list.append(figures.scaling_figure(group, label, x_field, panel))
         figure_list.append(figures.breakdown_figure(group, label))
@@ -173,9 +174,10 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
                                                   r["batch"], r["dtype"], r["device"])),
         "superseded": len(all_records) - len(records),
         "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
-        "comparisons": [c for c in (verdict.compare(records, comp) for comp in verdict.COMPARISONS) if c],
+        "comparisons": [c for c in (verdict.compare(measured, comp) for comp in verdict.COMPARISONS) if c],
         "figures": [f for f in figure_list if f is not None],
         "frontiers": frontiers,
+        "predicted": predicted.section(records),
         "warnings": [(r, w) for r in records for w in (r.get("warnings") or [])],
         "failures": [r for r in records if r["status"] != "ok"],
         "baseline": base,
