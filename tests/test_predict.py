@@ -92,6 +92,27 @@ def test_flops_and_saved_bytes_equal_run(arch, resolution, frames):
     assert predicted["predicted"]["step_ms"] is None  # no time model for the CPU
 
 
+def test_fake_step_allocates_like_the_real_step():
+    from stbench.step import TrainingStep
+
+    case = Case(arch="dit-full", preset="tiny", frames=4, resolution=64, device="cpu")
+    real = fake.StepTrace()
+    step = TrainingStep(case)
+    with fake._Tracker(real) as tracker:
+        for t in (*step.model.parameters(), *step.model.buffers(), step.batch.latents, step.batch.noise,
+                  step.batch.timesteps, step.batch.text):
+            tracker.track(t)
+        step()
+        real.measure_from = len(real.events)
+        step()
+    traced = estimate.cached_trace(case, False)  # AdamW's per-parameter loop, as on the CPU
+    peaks = [memory.replay(t.events, caching=False, measure_from=t.measure_from).peak_allocated
+             for t in (real, traced)]
+    assert abs(peaks[0] - peaks[1]) <= 4096  # one scalar's storage differs (4 KiB on the real CPU path)
+    sizes = sorted(n for sign, _, n in real.events[real.measure_from:] if sign > 0)
+    assert sizes[-20:] == sorted(n for sign, _, n in traced.events[traced.measure_from:] if sign > 0)[-20:]
+
+
 VALIDATE = """
 import json, sys
 from stbench.config import Case
