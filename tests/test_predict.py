@@ -147,8 +147,12 @@ def test_frontier_largest_fitting_case_fits_and_next_does_not(tmp_path, toy_case
     assert good is not None and bad == good + 1
     assert estimate.predict_case(toy_case(resolution=256, frames=good), target)["predicted"]["fits"]
     assert estimate.predict_case(toy_case(resolution=256, frames=bad), target)["status"] == "oom"
-    statuses = {r["frames"]: r["status"] for r in results.read_records(tmp_path)}
+    statuses = {r["frames"]: r["status"] for r in results.read_records(tmp_path) if r["resolution"] == 256}
     assert statuses[good] == "ok" and statuses[bad] == "oom"
+    assert command.frontier(predict, lambda f: toy_case(resolution=16, frames=f), target, limit=256) == (64, None)
+    k, over = command.frontier(predict, lambda k: toy_case(resolution=8 * k, frames=4), target, limit=256)
+    assert estimate.predict_case(toy_case(resolution=8 * k, frames=4), target)["status"] == "ok"
+    assert over == k + 1 and estimate.predict_case(toy_case(resolution=8 * over, frames=4), target)["status"] == "oom"
 
 
 def test_dsv_predicted_from_computed_tiles():
@@ -182,6 +186,12 @@ def test_predict_command_writes_resumes_and_rejects_bad_input(tmp_path, capsys):
     assert err.startswith("stbench: error: hardware: unknown 'h100'; legal: h100-sxm") and "\n" not in err
     assert main(["predict", "--arch", TOY_ARCH, "--resolution", "12", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    frontier_argv = ["predict", "--arch", TOY_ARCH, "--resolution", "16", "--frames", "2", "--hardware", "cpu",
+                     "--frontier", "--out", str(tmp_path / "f")]
+    assert main(frontier_argv) == 0
+    lines = capsys.readouterr().out
+    assert "16px b1 on cpu: largest fitting frames 64 (predicted)" in lines  # 64: the toy's largest legal
+    assert "2 frames b1 on cpu: largest fitting resolution 8192px (predicted)" in lines
 
 
 def test_report_shows_predictions_labelled_with_their_error(tmp_path, toy_case):

@@ -18,7 +18,8 @@ from ..units import format_bytes
 from . import hardware as hw
 from .estimate import predict_case
 
-MAX_FRAMES = 4096  # the frontier search stops here
+MAX_FRAMES = 4096  # the frontier searches stop here
+MAX_RESOLUTION = 8192
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (repeatable); recorded in the results")
     parser.add_argument("--frontier", action="store_true",
-                        help="per arch, hardware, resolution and batch: the largest frame count predicted to fit")
+                        help="instead of the grid: the largest frame count predicted to fit at each resolution, and the "
+                        "largest resolution at each frame count (bisection over fake runs)")
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/predict-<UTC time>)")
 
@@ -119,17 +121,21 @@ def describe(record: dict) -> str:
 
 
 def frontier(predict, make_case, target: hw.Hardware, limit: int = MAX_FRAMES) -> tuple[int | None, int | None]:
-    """(largest frame count predicted to fit, smallest that does not), by doubling then bisection."""
-    def fits(frames: int) -> bool | None:
+    """(largest value predicted to fit, smallest that does not; None if it is an illegal shape or past `limit`),
+    by doubling then bisection; `make_case(value)` raises UserError for a shape the architecture refuses."""
+    verdicts: dict[int, bool | None] = {}
+
+    def fits(value: int) -> bool:
         try:
-            case = make_case(frames)
+            case = make_case(value)
         except UserError:
-            return None  # not a legal shape for this architecture
-        record = predict(case, target)
-        return record["status"] == "ok"
+            verdicts[value] = None  # not a legal shape: the search ends below it
+            return False
+        verdicts[value] = predict(case, target)["status"] == "ok"
+        return verdicts[value]
 
     if not fits(1):
-        return None, 1
+        return None, (1 if verdicts[1] is not None else None)
     good, bad = 1, None
     while bad is None and good < limit:
         probe = min(good * 2, limit)
@@ -143,7 +149,38 @@ def frontier(predict, make_case, target: hw.Hardware, limit: int = MAX_FRAMES) -
             good = middle
         else:
             bad = middle
-    return good, bad
+    return good, (bad if bad is not None and verdicts[bad] is not None else None)
+
+
+def resolution_step(make_case) -> int | None:
+    """The smallest multiple of 8 pixels whose multiples are legal resolutions for the architecture."""
+    for step in (8, 16, 32, 64, 128):
+        try:
+            for k in (1, 2, 3):
+                make_case(step * k)
+        except UserError:
+            continue
+        return step
+    return None
+
+
+def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware) -> None:
+    """Largest frames per resolution, and largest resolution per frame count, at each batch (printed)."""
+    for b in sweep.batches:
+        for r in sweep.resolutions:
+            good, bad = frontier(predict, lambda f: sweep.case(arch, target.name, r, f, b), target, MAX_FRAMES)
+            print(f"frontier {arch} {r}px b{b} on {target.name}: largest fitting frames "
+                  f"{good if good is not None else 'none'}{'' if bad is None else f' ({bad} does not fit)'} "
+                  f"(predicted)")
+        for f in sweep.frames:
+            step = resolution_step(lambda res: sweep.case(arch, target.name, res, f, b))
+            if step is None:
+                continue
+            good, bad = frontier(predict, lambda k: sweep.case(arch, target.name, k * step, f, b), target,
+                                 MAX_RESOLUTION // step)
+            print(f"frontier {arch} {f} frames b{b} on {target.name}: largest fitting resolution "
+                  f"{f'{good * step}px' if good is not None else 'none'}"
+                  f"{'' if bad is None else f' ({bad * step}px does not fit)'} (predicted)")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -158,14 +195,11 @@ def execute(args: argparse.Namespace) -> int:
     targets = [hw.get(name) for name in sweep.hardware]
     for arch in sweep.archs:
         for target in targets:
+            if sweep.frontier:
+                _frontiers(sweep, predict, arch, target)
+                continue
             for r in sweep.resolutions:
                 for b in sweep.batches:
-                    if sweep.frontier:
-                        good, bad = frontier(predict, lambda f: sweep.case(arch, target.name, r, f, b), target)
-                        print(f"frontier {arch} {r}px b{b} on {target.name}: largest fitting frames "
-                              f"{good if good is not None else 'none'}"
-                              f"{'' if bad is None else f' ({bad} does not fit)'} (predicted)")
-                        continue
                     for f in sweep.frames:
                         predict(sweep.case(arch, target.name, r, f, b), target)
     print(f"stbench: predictions -> {path}", file=sys.stderr)
