@@ -98,7 +98,7 @@ class Predictor:
         self.out, self.done, self.echo = out, done, echo
 
     def __call__(self, case: Case, target: hw.Hardware) -> dict:
-        key = results.case_key({**case.identity(), "device": target.name})
+        key = results.case_key({**case.identity(), "device": target.name, "predicted": True})
         if key in self.done:
             return self.done[key]
         record = predict_case(case, target)

@@ -76,6 +76,7 @@ def predict_case(case: Case, hardware: Hardware) -> dict:
         trace = cached_trace(case, foreach_for(hardware))
     except Exception:  # noqa: BLE001 - a model that cannot run on fake tensors is a result, not a crash
         record["status"] = "error"
+        record["predicted"] = {"hardware": hardware.name}  # marks the record as a prediction (its own case key)
         record["error"] = "\n".join(traceback.format_exc().rstrip().splitlines()[-25:])[-4000:]
         return record
     predicted = prediction(trace, hardware)

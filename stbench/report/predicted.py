@@ -32,7 +32,7 @@ def pair(prediction: dict, measured: list[dict]) -> dict:
     p = prediction["predicted"]
     row = {"record": prediction, "p": p, "measured": None, "peak_error": None, "time_error": None,
            "measured_peak": None, "measured_peak_field": None}
-    key = results.case_key({**prediction, "device": None})
+    key = results.case_key({**prediction, "device": None, "predicted": None})
     for m in measured:
         if m["status"] != "ok" or not _runs_on(m, p["hardware"]):
             continue
@@ -89,7 +89,7 @@ def fits_figure(predictions: list[dict]) -> Figure | None:
 
 def section(records: list[dict]) -> dict | None:
     """Context of `_predicted.html`: rows (prediction, measured twin, errors) and the what-fits figure."""
-    predictions = [r for r in records if is_predicted(r)]
+    predictions = [r for r in records if is_predicted(r) and "peak_bytes" in r["predicted"]]  # not failed ones
     if not predictions:
         return None
     measured = [r for r in records if not is_predicted(r)]
