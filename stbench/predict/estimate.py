@@ -13,7 +13,7 @@ from .hardware import Hardware
 CATEGORIES = (fake.PARAMS, fake.GRADS, fake.OPTIMIZER, fake.ACTIVATIONS)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def cached_trace(case: Case, foreach: bool) -> fake.StepTrace:
     """A case's trace is the same for every GPU (AdamW foreach on all of them): trace once, replay per GPU."""
     return fake.trace_step(case, foreach=foreach)

@@ -48,10 +48,10 @@ class Hardware:
         return value * 1e12 if value else None
 
 
-def _gpu(name, label, pattern, memory, bandwidth, bf16, tf32, fp32, datasheet, memory_note=""):
+def _gpu(name, label, pattern, memory, bandwidth, bf16, tf32, fp32, datasheet):
     return Hardware(name=name, label=label, gpu_pattern=pattern, memory_bytes=memory, bandwidth_bytes_s=bandwidth,
                     peak_tflops={"bf16": bf16, "fp16": bf16, "tf32": tf32, "fp32": fp32},
-                    sources={"memory": datasheet + memory_note, "bandwidth": datasheet, "peaks": datasheet,
+                    sources={"memory": datasheet, "bandwidth": datasheet, "peaks": datasheet,
                              "context_bytes": CONTEXT_SOURCE, "launch_floor_us": LAUNCH_SOURCE})
 
 
