@@ -50,11 +50,24 @@ def pair(prediction: dict, measured: list[dict]) -> dict:
     return row
 
 
+def _largest(cases: list[dict], field: str) -> str:
+    """'N' (largest value that fits; '≥N' if every tried value fits) or 'none' over cases varying in `field`."""
+    fit = max((r[field] for r in cases if r["predicted"]["fits"]), default=None)
+    if fit is None:
+        return "none"
+    return f"{fit}" if fit < max(r[field] for r in cases) else f"≥{fit}"
+
+
+def _most_tried(cases: list[dict], fixed: str, varied: str):
+    """The value of `fixed` at which the most values of `varied` were tried (where a frontier search ran)."""
+    return max(sorted({r[fixed] for r in cases}), key=lambda v: len({r[varied] for r in cases if r[fixed] == v}))
+
+
 @_styled
 def fits_figure(predictions: list[dict]) -> Figure | None:
-    """What fits on which GPU: per case family and hardware, the largest predicted-to-fit frame count."""
+    """What fits on which GPU: per architecture and hardware, the largest frames and resolution predicted to fit."""
     names = [n for n in hw.NAMES if any(r["predicted"]["hardware"] == n for r in predictions)]
-    families = sorted({(r["arch"], r["preset"], r["resolution"], r["batch"], r["mode"]) for r in predictions})
+    families = sorted({(r["arch"], r["preset"], r["batch"], r["mode"], r["dtype"]) for r in predictions})
     if not names or not families:
         return None
     grid, notes = [], []
@@ -62,29 +75,41 @@ def fits_figure(predictions: list[dict]) -> Figure | None:
         values, texts = [], []
         for name in names:
             cases = [r for r in predictions if r["predicted"]["hardware"] == name
-                     and (r["arch"], r["preset"], r["resolution"], r["batch"], r["mode"]) == family]
-            fit = max((r["frames"] for r in cases if r["predicted"]["fits"]), default=None)
-            tried = max((r["frames"] for r in cases), default=None)
-            values.append(fit or 0)
-            texts.append("—" if tried is None else ("none" if fit is None else
-                                                    (f"{fit}" if fit < tried else f"≥{fit}")))
+                     and (r["arch"], r["preset"], r["batch"], r["mode"], r["dtype"]) == family]
+            if not cases:
+                values.append(0)
+                texts.append("—")
+                continue
+            res = _most_tried(cases, "resolution", "frames")
+            at_res = [r for r in cases if r["resolution"] == res]
+            frames = _largest(at_res, "frames")
+            text = f"{frames} frames @ {res}px"
+            fr = _most_tried(cases, "frames", "resolution")
+            at_frames = [r for r in cases if r["frames"] == fr]
+            if len({r["resolution"] for r in at_frames}) > 1:
+                text += f"\n{_largest(at_frames, 'resolution')}px @ {fr} frames"
+            values.append(max((r["frames"] for r in at_res if r["predicted"]["fits"]), default=0))
+            texts.append(text)
         grid.append(values)
         notes.append(texts)
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3.5, 0.45 * len(families) + 1.4))
-    ax.imshow(grid, cmap="Greens", aspect="auto", vmin=0)
+    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 3.5, 0.6 * len(families) + 1.4))
+    ax.imshow(grid, cmap="Greens", aspect="auto", vmin=0, vmax=max(max(row) for row in grid) * 1.6 or 1)
     for i, texts in enumerate(notes):
         for j, text in enumerate(texts):
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(families)), [f"{a} {p} {r}px b{b} {m}" for a, p, r, b, m in families])
+    ax.set_yticks(range(len(families)), [f"{a} {p} b{b} {m} {d}" for a, p, b, m, d in families])
     ax.grid(False)
-    ax.set_title("largest frame count predicted to fit (PREDICTED, not measured)", fontsize=9)
+    ax.set_title("largest case predicted to fit (PREDICTED, not measured)", fontsize=9)
     fig.tight_layout()
     return Figure("What fits on which GPU (predicted)",
-                  "Largest frame count `stbench predict` predicts to fit in each GPU's memory, from fake-tensor "
-                  "training steps (≥: the largest frame count predicted; none: even the smallest tried does not "
-                  "fit). Run with --frontier for the exact boundary. Predictions, not measurements.",
-                  to_data_uri(fig), "grid of the largest predicted-to-fit frame counts per architecture and GPU")
+                  "Largest frame count (at the resolution where most frame counts were tried) and largest "
+                  "resolution (at the frame count where most resolutions were tried) that `stbench predict` "
+                  "predicts to fit in each GPU's memory, from fake-tensor training steps. ≥: the largest value "
+                  "tried (or legal) fits; none: not even the smallest tried. Run with --frontier for the exact "
+                  "boundary. Predictions, not measurements.",
+                  to_data_uri(fig), "grid of the largest predicted-to-fit frame counts and resolutions per "
+                  "architecture and GPU")
 
 
 def section(records: list[dict]) -> dict | None:
