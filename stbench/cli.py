@@ -14,6 +14,7 @@ COMMANDS = {
     "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
     "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
     "list": ("stbench.listing", "list architectures: family, presets with parameter counts, attention, modes"),
+    "predict": ("stbench.predict.command", "predict peak memory and step time on named GPUs, without a GPU"),
 }
 
 

@@ -69,6 +69,14 @@ def parse_set_options(items: typing.Iterable[str]) -> tuple[tuple[str, str], ...
     return tuple(sorted(pairs.items()))
 
 
+def json_settings(settings) -> dict:
+    """A settings dataclass (a sweep of `run`, `train` or `predict`) as JSON values, for run.json."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.init}
+    if "overrides" in values:
+        values["overrides"] = dict(values["overrides"])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark configuration: what to build and the shape of the training step to measure."""
@@ -174,9 +182,7 @@ class Sweep:
 
     def settings(self) -> dict:
         """The sweep's settings as JSON values (run.json records them)."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cases"}
-        settings["overrides"] = dict(self.overrides)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+        return json_settings(self)
 
     def __post_init__(self):
         for name in ("archs", "resolutions", "frames", "batches"):

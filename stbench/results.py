@@ -114,6 +114,8 @@ def case_key(record: dict) -> str:
     ident = {name: record.get(name) for name in IDENTITY_FIELDS}
     ident["overrides"] = dict(sorted((ident["overrides"] or {}).items()))
     ident["world_size"] = ident["world_size"] or 1
+    if record.get("predicted"):  # `stbench predict --hardware cpu` names the same device as a measured CPU case
+        ident["predicted"] = True
     return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
 

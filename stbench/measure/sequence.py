@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from . import activations, flops, memory, nvml, timing
+from . import activations, flops, host, memory, nvml, timing
 
 
 def soft(record: dict, what: str, fn):
@@ -50,6 +50,7 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     if device.type == "cuda":
         _cuda_context(device, record)
 
+    host_baseline = host.resident_bytes() if device.type == "cpu" else None
     step = TrainingStep(case)
     model = step.model
     timed = prepare(step) if prepare is not None else step
@@ -63,8 +64,10 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     if after_warmup is not None:
         after_warmup()
     memory.reset_peaks(device)
+    host_reset = host_baseline is not None and host.reset_peak()
     with nvml.NvmlSampler(device) as sampler:
         times = time_steps(timed, repeats, device)
+    record["host_peak_bytes"] = host.peak_growth(host_baseline, host_reset)
     record.update(times.as_record_fields())
     warnings.extend(times.warnings)
     record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)

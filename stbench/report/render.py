@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..runfolder import REPORT_FILE, TRACES_DIR, find_traces, read_run_info, run_folder
 from ..trace import SUMMARY_FILE
 from ..units import format_bytes
-from . import figures, verdict
+from . import figures, predicted, verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
 ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
@@ -92,8 +92,9 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
     traces = find_traces(folder, [(results.case_slug(r), r) for r in records])
     traced = [(t["record"], t["summary"]) for t in traces if t["record"] is not None and t["summary"]]
 
+    measured = [r for r in records if not predicted.is_predicted(r)]  # predictions only in their own section
     figure_list, frontiers = [], []
-    for label, group in figures.groups(records):
+    for label, group in figures.groups(measured):
         for x_field, panel in (("frames", "resolution"), ("resolution", "frames")):
             figure_list.append(figures.scaling_figure(group, label, x_field, panel))
         figure_list.append(figures.breakdown_figure(group, label))
@@ -123,9 +124,10 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
                                                   r["batch"], r["dtype"], r["device"])),
         "superseded": len(frame) - len(records),
         "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
-        "comparisons": [c for c in (verdict.compare(records, comp) for comp in verdict.COMPARISONS) if c],
+        "comparisons": [c for c in (verdict.compare(measured, comp) for comp in verdict.COMPARISONS) if c],
         "figures": [f for f in figure_list if f is not None],
         "frontiers": frontiers,
+        "predicted": predicted.section(records),
         "warnings": [(r, w) for r in records for w in (r.get("warnings") or [])],
         "failures": [r for r in records if r["status"] != "ok"],
         "baseline": base,

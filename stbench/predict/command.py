@@ -1,0 +1,205 @@
+"""`python -m stbench predict`: peak memory and step time of training steps on named GPUs, without a GPU."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import architectures
+
+from .. import results, runfolder
+from ..config import DTYPES, Case, json_settings, parse_set_options
+from ..errors import UserError
+from ..measure import env
+from ..runner import _int_list
+from ..units import format_bytes
+from . import hardware as hw
+from .estimate import predict_case
+
+MAX_FRAMES = 4096  # the frontier searches stop here
+MAX_RESOLUTION = 8192
+
+
+@dataclass(frozen=True)
+class PredictSweep:
+    """The grid `predict` covers: cases x hardware (recorded in run.json like `run`'s sweep)."""
+
+    archs: tuple[str, ...]
+    hardware: tuple[str, ...]
+    resolutions: tuple[int, ...] = (256,)
+    frames: tuple[int, ...] = (16,)
+    batches: tuple[int, ...] = (1,)
+    preset: str = "tiny"
+    mode: str = "temporal"
+    dtype: str | None = None  # None: bf16 on GPUs, fp32 on the CPU
+    overrides: tuple[tuple[str, str], ...] = ()
+    frontier: bool = False
+
+    def __post_init__(self):
+        for name in ("archs", "hardware", "resolutions", "frames", "batches"):
+            if not getattr(self, name):
+                raise UserError(f"{name}: needs at least one value")
+        unknown = [h for h in self.hardware if h not in hw.NAMES]
+        if unknown:
+            raise UserError(f"hardware: unknown {', '.join(map(repr, unknown))}; legal: {', '.join(hw.NAMES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"dtype: {self.dtype!r} is not legal; legal: {', '.join(DTYPES)}")
+
+    def dtype_for(self, name: str) -> str:
+        return self.dtype or ("fp32" if name == "cpu" else "bf16")
+
+    def case(self, arch: str, hardware: str, resolution: int, frames: int, batch: int) -> Case:
+        """A validated case (UserError on bad input); predicted cases are traced on the CPU."""
+        return Case(arch=arch, preset=self.preset, mode=self.mode, batch=batch, frames=frames,
+                    resolution=resolution, dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="comma-separated architectures (see `stbench inspect`)")
+    parser.add_argument("--preset", default="tiny", help="size preset: tiny (default), small, or the full-size preset")
+    parser.add_argument("--resolution", default="256", help="comma-separated square sizes in pixels (default 256)")
+    parser.add_argument("--frames", default="16", help="comma-separated frame counts (default 16)")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES,
+                        help="temporal: spatial layers frozen (video fine-tuning); full: everything trains")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bf16 on GPUs, "
+                        "fp32 for --hardware cpu)")
+    parser.add_argument("--hardware", default="h100-sxm", help=f"comma-separated targets: {', '.join(hw.NAMES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field (repeatable); recorded in the results")
+    parser.add_argument("--frontier", action="store_true",
+                        help="instead of the grid: the largest frame count predicted to fit at each resolution, and the "
+                        "largest resolution at each frame count (bisection over fake runs)")
+    parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/predict-<UTC time>)")
+
+
+def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
+    names = tuple(h.strip() for h in args.hardware.split(",") if h.strip())
+    sweep = PredictSweep(archs=tuple(a.strip() for a in args.arch.split(",") if a.strip()), hardware=names,
+                         resolutions=_int_list(args.resolution, "resolution"), frames=_int_list(args.frames, "frames"),
+                         batches=_int_list(args.batch, "batch"), preset=args.preset, mode=args.mode, dtype=args.dtype,
+                         overrides=parse_set_options(args.set), frontier=args.frontier)
+    for arch in sweep.archs:  # every case is checked before anything is written
+        for name in sweep.hardware:
+            for r in sweep.resolutions:
+                for f in sweep.frames:
+                    for b in sweep.batches:
+                        sweep.case(arch, name, r, f, b)
+    return sweep
+
+
+class Predictor:
+    """Predicts cases into a run folder: appends a record per new (case, hardware), reuses recorded ones."""
+
+    def __init__(self, out: Path, done: dict[str, dict], echo=print):
+        self.out, self.done, self.echo = out, done, echo
+
+    def __call__(self, case: Case, target: hw.Hardware) -> dict:
+        key = results.case_key({**case.identity(), "device": target.name, "predicted": True})
+        if key in self.done:
+            return self.done[key]
+        record = predict_case(case, target)
+        results.append_record(self.out / runfolder.RESULTS_FILE, record)
+        self.done[key] = record
+        self.echo(describe(record))
+        return record
+
+
+def describe(record: dict) -> str:
+    p = record.get("predicted") or {}
+    what = (f"{record['arch']} {record['resolution']}px x{record['frames']} b{record['batch']} {record['dtype']} "
+            f"on {record['device']}")
+    if not p:
+        return f"error {what}: {(record.get('error') or '').splitlines()[-1:]}"
+    text = f"{record['status']:5s} {what}: predicted peak {format_bytes(p['peak_bytes'])}"
+    if p.get("step_ms") is not None:
+        text += f", step {p['step_ms']:.1f} ms (compute {p['compute_ms']:.1f}, memory {p['memory_ms']:.1f})"
+    return text
+
+
+def frontier(predict, make_case, target: hw.Hardware, limit: int = MAX_FRAMES) -> tuple[int | None, int | None]:
+    """(largest value predicted to fit, smallest that does not; None if it is an illegal shape or past `limit`),
+    by doubling then bisection; `make_case(value)` raises UserError for a shape the architecture refuses."""
+    verdicts: dict[int, bool | None] = {}
+
+    def fits(value: int) -> bool:
+        try:
+            case = make_case(value)
+        except UserError:
+            verdicts[value] = None  # not a legal shape: the search ends below it
+            return False
+        verdicts[value] = predict(case, target)["status"] == "ok"
+        return verdicts[value]
+
+    if not fits(1):
+        return None, (1 if verdicts[1] is not None else None)
+    good, bad = 1, None
+    while bad is None and good < limit:
+        probe = min(good * 2, limit)
+        if fits(probe):
+            good = probe
+        else:
+            bad = probe
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, (bad if bad is not None and verdicts[bad] is not None else None)
+
+
+def resolution_step(make_case) -> int | None:
+    """The smallest multiple of 8 pixels whose multiples are legal resolutions for the architecture."""
+    for step in (8, 16, 32, 64, 128):
+        try:
+            for k in (1, 2, 3):
+                make_case(step * k)
+        except UserError:
+            continue
+        return step
+    return None
+
+
+def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware) -> None:
+    """Largest frames per resolution, and largest resolution per frame count, at each batch (printed)."""
+    for b in sweep.batches:
+        for r in sweep.resolutions:
+            good, bad = frontier(predict, lambda f: sweep.case(arch, target.name, r, f, b), target, MAX_FRAMES)
+            print(f"frontier {arch} {r}px b{b} on {target.name}: largest fitting frames "
+                  f"{good if good is not None else 'none'}{'' if bad is None else f' ({bad} does not fit)'} "
+                  f"(predicted)")
+        for f in sweep.frames:
+            step = resolution_step(lambda res: sweep.case(arch, target.name, res, f, b))
+            if step is None:
+                continue
+            good, bad = frontier(predict, lambda k: sweep.case(arch, target.name, k * step, f, b), target,
+                                 MAX_RESOLUTION // step)
+            print(f"frontier {arch} {f} frames b{b} on {target.name}: largest fitting resolution "
+                  f"{f'{good * step}px' if good is not None else 'none'}"
+                  f"{'' if bad is None else f' ({bad * step}px does not fit)'} (predicted)")
+
+
+def execute(args: argparse.Namespace) -> int:
+    sweep = sweep_from_args(args)
+    out = Path(args.out or f"runs/predict-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
+    argv = getattr(args, "argv", None)
+    command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
+    path = runfolder.open_run_folder(out, command=command, resume=args.resume, settings=json_settings(sweep))
+    done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
+    predict = Predictor(out, done)
+    targets = [hw.get(name) for name in sweep.hardware]
+    for arch in sweep.archs:
+        for target in targets:
+            if sweep.frontier:
+                _frontiers(sweep, predict, arch, target)
+                continue
+            for r in sweep.resolutions:
+                for b in sweep.batches:
+                    for f in sweep.frames:
+                        predict(sweep.case(arch, target.name, r, f, b), target)
+    print(f"stbench: predictions -> {path}", file=sys.stderr)
+    return 0

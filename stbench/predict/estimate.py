@@ -1,0 +1,94 @@
+"""From a fake step's trace to a prediction on one hardware: peak memory (allocator replay) and step time."""
+from __future__ import annotations
+
+import functools
+import traceback
+
+from .. import results
+from ..config import Case
+from ..measure import env
+from . import fake, memory, roofline
+from .hardware import Hardware
+
+CATEGORIES = (fake.PARAMS, fake.GRADS, fake.OPTIMIZER, fake.ACTIVATIONS)
+
+
+@functools.lru_cache(maxsize=32)
+def cached_trace(case: Case, foreach: bool) -> fake.StepTrace:
+    """A case's trace is the same for every GPU (AdamW foreach on all of them): trace once, replay per GPU."""
+    return fake.trace_step(case, foreach=foreach)
+
+
+def foreach_for(hardware: Hardware) -> bool:
+    """AdamW's implementation `run` gets by default: foreach on CUDA, the per-parameter loop on CPU."""
+    return hardware.caching_allocator
+
+
+def breakdown(trace: fake.StepTrace, peak_bytes: int) -> dict:
+    """What is alive at the steady-state step's peak of live bytes, by kind (params include buffers, activations
+    the batch); transient is the rest of `peak_bytes` (the CUDA context excluded): temporaries, rounding, cache."""
+    live, best, at = {}, -1, trace.measure_from
+    total = 0
+    for index, (sign, key, nbytes) in enumerate(trace.events):
+        if sign > 0:
+            live[key] = nbytes
+            total += nbytes
+        elif key in live:
+            total -= live.pop(key)
+        if index >= trace.measure_from and total > best:
+            best, at = total, index
+    parts = {name: 0 for name in CATEGORIES}
+    for key, nbytes in trace.live_at(at).items():
+        kind = trace.categories.get(key)
+        if kind in parts:
+            parts[kind] += nbytes
+    parts["transient"] = peak_bytes - sum(parts.values())
+    return parts
+
+
+def prediction(trace: fake.StepTrace, hardware: Hardware) -> dict:
+    """The record's `predicted` object for one hardware (peak_bytes includes the CUDA context on GPUs)."""
+    capacity = hardware.memory_bytes - hardware.context_bytes
+    unlimited = memory.replay(trace.events, caching=hardware.caching_allocator, measure_from=trace.measure_from)
+    bounded = memory.replay(trace.events, caching=hardware.caching_allocator, capacity=capacity,
+                            measure_from=trace.measure_from)
+    peak = unlimited.peak_reserved + hardware.context_bytes
+    time = roofline.step_time(trace.ops, hardware)
+    flops = sum(op.flops for op in trace.ops)
+    predicted = {"hardware": hardware.name, "peak_bytes": peak, "fits": not bounded.out_of_memory,
+                 "step_ms": None, "compute_ms": None, "memory_ms": None, "flops": flops, "mfu": None,
+                 "breakdown": breakdown(trace, unlimited.peak_reserved), "allocated_bytes": unlimited.peak_allocated,
+                 "reserved_bytes": unlimited.peak_reserved, "context_bytes": hardware.context_bytes,
+                 "memory_bytes": hardware.memory_bytes, "kernels": len(trace.ops)}
+    if time is not None:
+        predicted.update(step_ms=time.step_ms, compute_ms=time.compute_ms, memory_ms=time.memory_ms)
+        peak_flops = hardware.peak(max((op for op in trace.ops if op.flops), key=lambda op: op.flops,
+                                       default=roofline.OpCost("", 0, 0, "fp32")).math)
+        predicted["mfu"] = flops / (time.step_ms / 1e3) / peak_flops if peak_flops and time.step_ms else None
+    return predicted
+
+
+def predict_case(case: Case, hardware: Hardware) -> dict:
+    """A complete result record for `case` on `hardware`: status ok, oom (predicted not to fit) or error."""
+    record = results.new_record({**case.identity(), "device": hardware.name})
+    record["env"] = env.collect_env("cpu")  # the machine that predicted, not the target
+    try:
+        trace = cached_trace(case, foreach_for(hardware))
+    except Exception:  # noqa: BLE001 - a model that cannot run on fake tensors is a result, not a crash
+        record["status"] = "error"
+        record["predicted"] = {"hardware": hardware.name}  # marks the record as a prediction (its own case key)
+        record["error"] = "\n".join(traceback.format_exc().rstrip().splitlines()[-25:])[-4000:]
+        return record
+    predicted = prediction(trace, hardware)
+    record["predicted"] = predicted
+    record["status"] = "ok" if predicted["fits"] else "oom"
+    if not predicted["fits"]:
+        record["error"] = (f"predicted not to fit: needs more than the {hardware.memory_bytes} bytes of "
+                           f"{hardware.label}")
+    for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "saved_activations", "params_total",
+                 "params_trainable"):
+        record[name] = getattr(trace, name)
+    record["warnings"] = list(trace.warnings) + [f"predicted, not measured: stbench predict for {hardware.label}"]
+    if hardware.name == "cpu":
+        record["warnings"].append("cpu: memory only (fp32 host allocator, no caching); step time not predicted")
+    return record

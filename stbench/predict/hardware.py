@@ -1,0 +1,86 @@
+"""The GPUs `stbench predict` knows: memory, bandwidth and dense peaks, every value with its source."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+GB = 10**9
+GIB = 2**30
+
+# Datasheet peaks are dense (without 2:4 structured sparsity, which halves the marketing figure).
+H100_DATASHEET = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100), dense figures"
+H200_DATASHEET = "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200), dense figures"
+A100_DATASHEET = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/a100), dense figures"
+L40S_DATASHEET = "NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s), dense figures"
+L4_DATASHEET = "NVIDIA L4 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/l4), dense figures"
+ADA_WHITEPAPER = "NVIDIA Ada Lovelace GPU architecture whitepaper v2.1, GeForce RTX 4090 (fp32 accumulate)"
+# Not a datasheet value: the CUDA context plus cuBLAS/cuDNN handles that PyTorch creates before the first
+# kernel; stbench's own run records it as env.cuda_context_bytes (NVML, process memory before the model).
+CONTEXT_SOURCE = "assumption: typical CUDA 12 context + cuBLAS/cuDNN workspace of a PyTorch process, 512 MiB"
+LAUNCH_SOURCE = "assumption: a back-to-back kernel takes at least ~4 us on recent NVIDIA GPUs and drivers"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One target device: memory, bandwidth, dense TFLOP/s per math mode, and where each number comes from."""
+
+    name: str
+    label: str
+    memory_bytes: int
+    bandwidth_bytes_s: float | None
+    peak_tflops: dict = field(default_factory=dict)  # bf16, fp16, tf32, fp32 -> dense TFLOP/s
+    context_bytes: int = 512 * 2**20
+    caching_allocator: bool = True  # CUDA's caching allocator rounds and caches blocks; the CPU's does not
+    launch_floor_us: float = 4.0
+    sources: dict = field(default_factory=dict)
+    gpu_pattern: str | None = None  # matches torch.cuda.get_device_name() of this GPU (measured records' env.gpu)
+
+    def __post_init__(self):
+        if self.memory_bytes <= 0:
+            raise ValueError(f"{self.name}: memory_bytes must be > 0")
+        for key, value in self.peak_tflops.items():
+            if key not in ("bf16", "fp16", "tf32", "fp32") or value <= 0:
+                raise ValueError(f"{self.name}: bad peak {key}={value}")
+
+    def peak(self, math: str) -> float | None:
+        """Dense FLOP/s of a math mode ('bf16', 'fp16', 'tf32', 'fp32'), None where unknown."""
+        value = self.peak_tflops.get(math)
+        return value * 1e12 if value else None
+
+
+def _gpu(name, label, pattern, memory, bandwidth, bf16, tf32, fp32, datasheet):
+    return Hardware(name=name, label=label, gpu_pattern=pattern, memory_bytes=memory, bandwidth_bytes_s=bandwidth,
+                    peak_tflops={"bf16": bf16, "fp16": bf16, "tf32": tf32, "fp32": fp32},
+                    sources={"memory": datasheet, "bandwidth": datasheet, "peaks": datasheet,
+                             "context_bytes": CONTEXT_SOURCE, "launch_floor_us": LAUNCH_SOURCE})
+
+
+def _cpu() -> Hardware:
+    """This machine, fp32, for validation against `run`'s host_peak_bytes: memory only, no time model."""
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return Hardware(name="cpu", label="this machine (CPU)", memory_bytes=pages, bandwidth_bytes_s=None,
+                    peak_tflops={}, context_bytes=0, caching_allocator=False, launch_floor_us=0.0,
+                    sources={"memory": "os.sysconf(SC_PHYS_PAGES) * SC_PAGE_SIZE on this machine",
+                             "peaks": "none: step time is not predicted for the CPU"})
+
+
+# Memory sizes are the marketed GB (10^9 bytes); a GPU exposes slightly less to processes (ECC, reserved).
+HARDWARE: dict[str, Hardware] = {h.name: h for h in (
+    _gpu("h100-sxm", "H100 SXM5 80GB", r"H100(?!.*(PCIe|NVL))", 80 * GB, 3.35e12, 989.4, 494.7, 66.9, H100_DATASHEET),
+    _gpu("h100-pcie", "H100 PCIe 80GB", r"H100.*PCIe", 80 * GB, 2.0e12, 756.5, 378.0, 51.2, H100_DATASHEET),
+    _gpu("h200", "H200 SXM 141GB", r"(?<!G)H200(?!.*NVL)", 141 * GB, 4.8e12, 989.4, 494.7, 66.9, H200_DATASHEET),
+    _gpu("a100-80g", "A100 SXM4 80GB", r"A100.*80GB", 80 * GB, 2.039e12, 312.0, 156.0, 19.5, A100_DATASHEET),
+    _gpu("a100-40g", "A100 SXM4 40GB", r"A100.*40GB", 40 * GB, 1.555e12, 312.0, 156.0, 19.5, A100_DATASHEET),
+    _gpu("l40s", "L40S 48GB", r"L40S", 48 * GB, 864e9, 362.05, 183.0, 91.6, L40S_DATASHEET),
+    _gpu("l4", "L4 24GB", r"\bL4\b", 24 * GB, 300e9, 121.0, 60.0, 30.3, L4_DATASHEET),
+    _gpu("rtx4090", "GeForce RTX 4090 24GB", r"RTX 4090", 24 * GB, 1008e9, 165.2, 82.6, 82.6, ADA_WHITEPAPER),
+)}
+NAMES = (*HARDWARE, "cpu")
+
+
+def get(name: str) -> Hardware:
+    if name == "cpu":
+        return _cpu()
+    if name not in HARDWARE:
+        raise KeyError(name)
+    return HARDWARE[name]
