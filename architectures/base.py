@@ -102,5 +102,13 @@ class VideoModel(nn.Module):
     def spatial_frozen(self) -> bool:
         return getattr(self, "training_mode", "full") == "temporal"
 
+    def warmup_steps(self, requested: int) -> int:
+        """Unmeasured steps this model needs before timing (a model with stages extends `requested`)."""
+        return requested
+
+    def extra_stats(self) -> dict:
+        """Record fields the model adds after the measured steps ('warnings' are appended to the record's)."""
+        return {}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

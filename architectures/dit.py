@@ -6,12 +6,14 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
 from .attention import ATTENTION_KINDS, CrossAttention, DSVAttention, TemporalAttention, make_self_attention
+from .attention.dsv import KEY_SELECTIONS, QUERY_GROUPS
 from .attention.flex import FLEX_BLOCK, flex_supports
 from .base import LATENT_SCALE, VideoModel
 from .registry import Architecture, register
@@ -35,15 +37,22 @@ class DiTConfig:
     window_size: tuple[int, ...] = (4, 8, 8)  # tokens per 3D window (frames, rows, cols), shrunk to fit the grid
     # DSV
     estimator_rank: int = 16  # low-rank dims per head
-    block_size: int = 64  # tokens per query block and per key/value block
-    dense_steps: int = 2  # stage 1 (dense, profiling) lasts this many training steps
+    block_size: int = 64  # tokens per query group and per key block = the sparse kernel's tile (flex too)
+    dense_steps: int = 2  # stage 1 (dense, profiling) ends when the estimator loss is low, at the latest here
+    switch_loss: float = 0.01  # stage 2 begins once the mean estimator loss falls below this (the paper's 0.01)
     sparsity_threshold: float = 0.5  # heads with profiled sparsity above it go sparse in stage 2
-    sparsity: float | None = None  # None: k from profiling; a float forces it for every head
+    sparsity: float | None = None  # None: k from profiling; a float forces it for every head (recorded as forced)
     topk_min: int = 1  # at least this many key blocks per query block
     profile_momentum: float = 0.9
     mass_coverage: float = 0.9  # profiled sparsity = 1 - (blocks holding this much attention mass) / blocks
     estimator_samples: int = 64  # sampled queries per layer for the estimator loss and profiling
-    estimator_loss_weight: float = 1.0
+    estimator_lr: float = 1e-3  # the estimator's own Adam (it is not part of the model's loss)
+    estimator_norm_weight: float = 1.0  # loss = (1 - cosine) + weight * (norm ratio - 1)^2
+    reprofile_interval: int = 100  # stage 2: re-profile and fine-tune the estimator every this many steps (0: never)
+    finetune_lr_scale: float = 0.1  # stage 2 estimator fine-tuning at estimator_lr times this
+    query_groups: str = "cube"  # cube: a query/key block is a 3D cube of tokens (frame x row x col) | raster
+    key_selection: str = "block"  # block: top-k key blocks | token: top-(k * block_size) key tokens (gather)
+    cost_table: str | None = None  # results of `stbench attention`: a layer goes sparse only where it is faster
     sparse_backend: str = "auto"  # auto (FlexAttention on CUDA, gather on CPU) | flex | gather
     sparse_recompute: bool = False  # gather path: re-gather in backward instead of saving gathered K/V blocks
 
@@ -62,11 +71,22 @@ class DiTConfig:
             raise ValueError(f"sparsity: must be in [0, 1) or None, got {self.sparsity}")
         if not 0.0 <= self.profile_momentum < 1.0 or not 0.0 < self.mass_coverage <= 1.0:
             raise ValueError("profile_momentum must be in [0, 1) and mass_coverage in (0, 1]")
-        if self.dense_steps < 0:
-            raise ValueError(f"dense_steps: must be >= 0, got {self.dense_steps}")
+        if self.dense_steps < 0 or self.reprofile_interval < 0:
+            raise ValueError("dense_steps and reprofile_interval: must be >= 0")
+        if self.switch_loss < 0 or self.estimator_lr <= 0 or self.estimator_norm_weight < 0 \
+                or not 0 < self.finetune_lr_scale <= 1:
+            raise ValueError("switch_loss and estimator_norm_weight must be >= 0, estimator_lr > 0, "
+                             "finetune_lr_scale in (0, 1]")
+        if self.query_groups not in QUERY_GROUPS or self.key_selection not in KEY_SELECTIONS:
+            raise ValueError(f"query_groups: one of {', '.join(QUERY_GROUPS)}; key_selection: one of "
+                             f"{', '.join(KEY_SELECTIONS)}")
         if self.sparse_backend == "flex" and not flex_supports(self.block_size):
-            raise ValueError(f"block_size: {self.block_size} does not tile FlexAttention's {FLEX_BLOCK}-token blocks; "
-                             f"use a divisor or multiple of {FLEX_BLOCK}, or sparse_backend=gather")
+            raise ValueError(f"block_size: {self.block_size} cannot be a FlexAttention tile; use a power of two "
+                             f"from 16 to {FLEX_BLOCK} or a multiple of {FLEX_BLOCK}, or sparse_backend=gather")
+        if self.sparse_backend == "flex" and self.key_selection == "token":
+            raise ValueError("key_selection=token runs on the gather path only; use sparse_backend=auto or gather")
+        if self.cost_table is not None and not Path(self.cost_table).exists():
+            raise ValueError(f"cost_table: {self.cost_table} does not exist (a results.jsonl of stbench attention)")
 
 
 def modulate(x, shift, scale):  # (B, N, C), (B, 1, C) x2 -> (B, N, C)
@@ -167,6 +187,10 @@ class VideoDiT(VideoModel):
         self.final = FinalLayer(C, pt * ph * pw, config.in_channels)
         self.context_parallel = None  # set to a context-parallel helper (shard_tokens/gather_tokens/attention)
         self.steps_done = 0  # DSV: training steps taken (loss() calls with grad); the stage follows it
+        self.switch_step: int | None = None  # DSV: the step stage 2 began (None: still stage 1)
+        self.switch_reason: str | None = None  # 'estimator loss' (below switch_loss) or 'dense_steps' (the cap)
+        self.work_log: list[tuple[int, float]] = []  # DSV: (step, fraction of score tiles computed) per training step
+        self.measured_from = 0  # DSV: steps before this are warm-up (set by warmup_steps)
         self._last_inputs = None  # DSV: the first sample of the last forward (views); dsv_stats() re-runs it
         self._pos_cache: dict = {}
         self._dsv = [m for m in self.modules() if isinstance(m, DSVAttention)]  # a plain list: not registered
@@ -183,13 +207,38 @@ class VideoDiT(VideoModel):
     @torch.compiler.disable
     def _begin_forward(self, sample, timesteps, text):
         self._last_inputs = (sample[:1].detach(), timesteps[:1], text[:1].detach())
-        stage2 = self.steps_done >= self.config.dense_steps
+        if self.switch_step is None and self.steps_done >= self.config.dense_steps:
+            self.switch_step, self.switch_reason = self.steps_done, "dense_steps"
+        stage2, every = self.switch_step is not None, self.config.reprofile_interval
+        since = self.steps_done - (self.switch_step or 0)
         for layer in self._dsv:
             layer.sparse_active = stage2
+            layer.profile_now = not stage2 or (every > 0 and since > 0 and since % every == 0)
 
     @torch.compiler.disable
-    def _count_step(self):
+    def _after_loss(self):
+        """Step the estimators on their own losses, log the step's computed work, decide the stage switch."""
+        stage2 = self.switch_step is not None
+        losses = [layer.estimator_loss.detach() for layer in self._dsv if layer.estimator_loss is not None]
+        for layer in self._dsv:
+            layer.step_estimator(self.config.finetune_lr_scale if stage2 else 1.0)
+        done, total = (sum(x) for x in zip(*(layer.last_work for layer in self._dsv)))
+        self.work_log.append((self.steps_done, done / total if total else 1.0))
         self.steps_done += 1
+        # stage 1 only (dense, so a host read of the loss costs no sparse step anything)
+        if not stage2 and losses and float(torch.stack(losses).float().mean()) < self.config.switch_loss:
+            self.switch_step, self.switch_reason = self.steps_done, "estimator loss"
+
+    def warmup_steps(self, requested: int) -> int:
+        """`requested`, extended past the latest stage switch (dense_steps) and the first sparse step, which
+        builds (on CUDA, compiles) the sparse kernels: every measured step then runs stage 2."""
+        steps = max(requested, self.config.dense_steps + 2) if self._dsv else requested
+        self.measured_from = self.steps_done + steps
+        return steps
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The model optimizer's parameters: DSV's estimators train on their own optimizer instead."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and self.group_of(n) != "estimator"]
 
     def group_of(self, parameter_name: str) -> str:
         if parameter_name.endswith(("q_estimator", "k_estimator")):
@@ -239,15 +288,10 @@ class VideoDiT(VideoModel):
         return self.unpatchify(self.final(x, c), grid)  # (B, 4, F, h, w)
 
     def loss(self, batch):
-        """Noise-prediction MSE plus DSV's estimator loss (which reaches only the estimators)."""
+        """Noise-prediction MSE; DSV's estimators are stepped here on their own loss, which is not added."""
         loss = super().loss(batch)
-        if not self._dsv:
-            return loss
-        if self.training and torch.is_grad_enabled():
-            self._count_step()
-        estimator = [m.estimator_loss for m in self._dsv if m.estimator_loss is not None]
-        if estimator:
-            loss = loss + self.config.estimator_loss_weight * torch.stack(estimator).float().mean()
+        if self._dsv and self.training and torch.is_grad_enabled():
+            self._after_loss()
         return loss
 
     @torch.no_grad()
@@ -271,11 +315,34 @@ class VideoDiT(VideoModel):
         if any(s is None for s in per_layer):
             return None
         heads = sum(s["heads"] for s in per_layer)
+        measured = [f for step, f in self.work_log if step >= self.measured_from]
+        losses = [float(m.last_estimator_loss) for m in layers if m.last_estimator_loss is not None]
+        ran = {m.backend_ran for m in layers if m.backend_ran is not None}
         return {"layer_sparsity": [s["sparsity"] for s in per_layer],
+                "head_sparsity": [s["head_sparsity"] for s in per_layer],
+                "profiled_sparsity": [s["profiled_sparsity"] for s in per_layer],
                 "estimator_recall": sum(s["recall"] for s in per_layer) / len(per_layer),
+                "head_recall": [s["head_recall"] for s in per_layer],
                 "sparse_head_fraction": sum(s["sparse_heads"] for s in per_layer) / heads,
                 "rel_error": sum(s["rel_error"] for s in per_layer) / len(per_layer),
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done,
+                "forced": self.config.sparsity is not None,
+                "backend": "/".join(sorted(ran)) if ran else None,
+                "computed_fraction": sum(measured) / len(measured) if measured else None,
+                "switch_step": self.switch_step, "switch_reason": self.switch_reason,
+                "estimator_loss": sum(losses) / len(losses) if losses else None,
+                "query_groups": self.config.query_groups, "key_selection": self.config.key_selection,
+                "vetoed_layers": [i for i, m in enumerate(layers) if m.vetoed]}
+
+    def extra_stats(self) -> dict:
+        """Record fields after the measured steps: {'dsv': ..., 'warnings': [...]} for a DSV model."""
+        if not self._dsv:
+            return {}
+        notes = list(dict.fromkeys(w for layer in self._dsv for w in layer.warnings))
+        if self.config.sparsity is not None:
+            notes.append(f"dsv: sparsity forced to {self.config.sparsity} in every head (--set sparsity), "
+                         f"not learned")
+        return {"dsv": self.dsv_stats(), "warnings": notes}
 
 
 def check_shape(config: DiTConfig, frames: int, height: int, width: int) -> None:

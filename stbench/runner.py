@@ -84,10 +84,14 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
         warnings.append("nvml: no per-process memory reported for this pid (container pid namespace?)")
     record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
 
-    if hasattr(model, "dsv_stats"):
-        record["dsv"] = _optional(record, "dsv stats", model.dsv_stats)
+    extra = _optional(record, "model stats", model.extra_stats) or {}
+    warnings.extend(extra.pop("warnings", []))
+    record.update(extra)
 
     if trace_dir is not None:
+        if case.compile:
+            warnings.append("trace: record_function regions inside the torch.compile'd graph are not captured "
+                            "(the summary's region times miss them); kernels and operators are")
         try:
             from .trace import profile_training_steps
         except ImportError as e:

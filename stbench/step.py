@@ -41,15 +41,8 @@ class TrainingStep:
         self.loss_fn = torch.compile(self.model.loss) if case.compile else self.model.loss
 
     def warmup_steps(self, requested: int) -> int:
-        """`requested`, extended past a stage switch so that every measured step runs the final stage.
-
-        DSV trains dense for `dense_steps`, then sparse: the first sparse steps build (on CUDA, compile) the
-        sparse kernels, which belongs to warm-up, not to the measured step time.
-        """
-        dsv_layers = getattr(self.model, "dsv_layers", None)
-        if dsv_layers is not None and dsv_layers():
-            return max(requested, self.model.config.dense_steps + 2)
-        return requested
+        """`requested`, or more where the model has stages (DSV: past its switch to the sparse stage)."""
+        return self.model.warmup_steps(requested)
 
     def autocast(self):
         if self.autocast_dtype is None:

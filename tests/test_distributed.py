@@ -147,10 +147,10 @@ def test_attention_functions_match_dense_and_count_bytes(world, tmp_path):
 
 
 MODEL_TOL = dict(rtol=1e-5, atol=1e-7)  # fp64 model; the MSE and DSV's estimator loss are computed in fp32
-DSV_SET = dict(block_size=16, sparsity=0.5, dense_steps=1)  # 128 tokens: 4 blocks per rank; step 2 is sparse
+DSV_SET = dict(block_size=16, sparsity=0.5, dense_steps=1, query_groups="raster")  # 128 tokens: 4 blocks per rank; step 2 is sparse
 # 4 heads with a planted uneven profile for the sparse step: heads 0 and 3 sparse (top-1 / top-2 of 8 blocks),
 # so head placement is uneven and non-contiguous and per-head top-k differ
-DSV_UNEVEN = dict(block_size=16, dense_steps=1, heads=4, head_dim=16)
+DSV_UNEVEN = dict(block_size=16, dense_steps=1, heads=4, head_dim=16, query_groups="raster")
 PLANTED = [0.9, 0.0, 0.0, 0.8]
 
 

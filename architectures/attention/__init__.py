@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .dsv import (DSVAttention, block_mask_to_token_mask, block_sparse_attention, estimate_block_scores,
-                  gather_block_sparse_attention, select_blocks)
+from .dsv import (CostTable, DSVAttention, block_mask_to_token_mask, block_sparse_attention, estimate_block_scores,
+                  gather_block_sparse_attention, select_blocks, select_key_tokens)
 from .factorised import ParallelSpatialTemporal, SpatialAttention, TemporalAttention
 from .full import CrossAttention, FullAttention, SelfAttention, dense_attention
 from .window import WindowAttention
@@ -24,7 +24,10 @@ ATTENTION_KINDS: dict[str, Callable] = {
         dim, heads, head_dim, rank=cfg.estimator_rank, block_size=cfg.block_size,
         sparsity_threshold=cfg.sparsity_threshold, sparsity=cfg.sparsity, topk_min=cfg.topk_min,
         profile_momentum=cfg.profile_momentum, mass_coverage=cfg.mass_coverage,
-        estimator_samples=cfg.estimator_samples, backend=cfg.sparse_backend, recompute=cfg.sparse_recompute),
+        estimator_samples=cfg.estimator_samples, backend=cfg.sparse_backend, recompute=cfg.sparse_recompute,
+        query_groups=cfg.query_groups, key_selection=cfg.key_selection, estimator_lr=cfg.estimator_lr,
+        norm_weight=cfg.estimator_norm_weight,
+        cost_table=CostTable.from_file(cfg.cost_table) if cfg.cost_table else None),
 }
 
 
@@ -37,4 +40,4 @@ def make_self_attention(kind: str, dim: int, heads: int, head_dim: int, config):
 __all__ = ["ATTENTION_KINDS", "make_self_attention", "SelfAttention", "FullAttention", "WindowAttention",
            "SpatialAttention", "TemporalAttention", "ParallelSpatialTemporal", "DSVAttention", "CrossAttention",
            "dense_attention", "estimate_block_scores", "select_blocks", "block_sparse_attention",
-           "gather_block_sparse_attention", "block_mask_to_token_mask"]
+           "gather_block_sparse_attention", "block_mask_to_token_mask", "select_key_tokens", "CostTable"]
