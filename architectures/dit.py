@@ -46,7 +46,7 @@ class DiTConfig:
     profile_momentum: float = 0.9
     mass_coverage: float = 0.9  # profiled sparsity = 1 - (blocks holding this much attention mass) / blocks
     estimator_samples: int = 64  # sampled queries per layer for the estimator loss and profiling
-    estimator_lr: float = 1e-3  # the estimator's own Adam (it is not part of the model's loss)
+    estimator_lr: float = 1e-2  # the estimator's own Adam (it is not part of the model's loss)
     estimator_norm_weight: float = 1.0  # loss = (1 - cosine) + weight * (norm ratio - 1)^2
     reprofile_interval: int = 100  # stage 2: re-profile and fine-tune the estimator every this many steps (0: never)
     finetune_lr_scale: float = 0.1  # stage 2 estimator fine-tuning at estimator_lr times this

@@ -125,7 +125,7 @@ class DSVAttention(SelfAttention):
     def __init__(self, dim, heads, head_dim, *, rank=16, block_size=64, sparsity_threshold=0.5,
                  sparsity: float | None = None, topk_min=1, profile_momentum=0.9, mass_coverage=0.9,
                  estimator_samples=64, backend="auto", recompute=False, zero_out=False, query_groups="raster",
-                 key_selection="block", estimator_lr=1e-3, norm_weight=1.0, cost_table: CostTable | None = None):
+                 key_selection="block", estimator_lr=1e-2, norm_weight=1.0, cost_table: CostTable | None = None):
         super().__init__(dim, heads, head_dim, zero_out)
         self.block_size, self.sparsity_threshold, self.sparsity = block_size, sparsity_threshold, sparsity
         self.topk_min, self.profile_momentum, self.mass_coverage = topk_min, profile_momentum, mass_coverage
@@ -286,6 +286,7 @@ class DSVAttention(SelfAttention):
         if key not in self._orders:
             self._orders[key] = torch.tensor(topk, device=q.device)
         topk_t, bs = self._orders[key], self.block_size
+        requested = "gather" if self._flex_failed else self.backend  # a failed kernel stays off in this layer
         backend = self._backend(q.device)
         with torch.no_grad():
             if self.key_selection == "token":
@@ -299,7 +300,7 @@ class DSVAttention(SelfAttention):
         else:
             with torch.no_grad():
                 mask = select_blocks(estimate_block_scores(q_est, k_est, bs, scale), topk_t, kmax=max(topk))
-            out_s = block_sparse_attention(qs, ks, vs, mask, bs, scale, backend, self.recompute, kmax=max(topk),
+            out_s = block_sparse_attention(qs, ks, vs, mask, bs, scale, requested, self.recompute, kmax=max(topk),
                                            uniform=len(set(topk)) == 1, on_fallback=self._fallback)
             backend = "gather" if self._flex_failed else backend
             computed = computed_tiles(backend, topk, nk, 1)
