@@ -220,8 +220,11 @@ class VideoDiT(VideoModel):
         """Step the estimators on their own losses, log the step's computed work, decide the stage switch."""
         stage2 = self.switch_step is not None
         losses = [layer.estimator_loss.detach() for layer in self._dsv if layer.estimator_loss is not None]
-        for layer in self._dsv:
-            layer.step_estimator(self.config.finetune_lr_scale if stage2 else 1.0)
+        pending = [layer for layer in self._dsv if layer.estimator_gradients()]
+        if pending and self.context_parallel is not None:  # each rank holds world x its share (collective)
+            self.context_parallel.sync_gradients([p for m in pending for p in (m.q_estimator, m.k_estimator)])
+        for layer in pending:
+            layer.apply_estimator_step(self.config.finetune_lr_scale if stage2 else 1.0)
         done, total = (sum(x) for x in zip(*(layer.last_work for layer in self._dsv)))
         self.work_log.append((self.steps_done, done / total if total else 1.0))
         self.steps_done += 1

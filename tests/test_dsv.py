@@ -180,15 +180,18 @@ def test_estimator_trains_on_its_own_loss_and_optimizer_not_the_models():
     model = architectures.build("dit-dsv", "tiny", estimator_lr=1e-2)
     layer = model.dsv_layers()[0]
     before = [layer.q_estimator.detach().clone(), layer.k_estimator.detach().clone()]
-    captured, step = {}, layer.step_estimator
+    captured, gradients, step = {}, layer.estimator_gradients, layer.apply_estimator_step
 
-    def spy(scale=1.0):  # the estimator's loss and gradients, as the layer's own optimizer sees them
+    def loss_spy():  # the gradients of the estimator's own loss, computed here as the reference
         captured["grads"] = torch.autograd.grad(layer.estimator_loss, [layer.q_estimator, layer.k_estimator],
                                                 retain_graph=True)
+        return gradients()
+
+    def step_spy(scale=1.0):
         captured["scale"] = scale
         step(scale)
 
-    layer.step_estimator = spy
+    layer.estimator_gradients, layer.apply_estimator_step = loss_spy, step_spy
     model.loss(model.make_batch(1, 2, 32, 32)).backward()
     assert layer.q_estimator.grad is None and layer.k_estimator.grad is None  # the model's loss never reaches it
     assert not {id(p) for p in (layer.q_estimator, layer.k_estimator)} & {id(p) for p in model.trainable_parameters()}

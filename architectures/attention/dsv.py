@@ -222,24 +222,32 @@ class DSVAttention(SelfAttention):
             self._optimizer = torch.optim.Adam([self.q_estimator, self.k_estimator], lr=self.estimator_lr)
         return self._optimizer
 
-    @torch.no_grad()
-    def step_estimator(self, lr_scale: float = 1.0) -> None:
-        """One optimizer step of the estimator on its pending loss (stage 2 passes the reduced lr scale)."""
+    def estimator_gradients(self) -> bool:
+        """Set the estimator's .grad from its pending loss (and clear the loss); False if none is pending."""
         loss, self.estimator_loss = self.estimator_loss, None
         if loss is None or not loss.requires_grad:
-            return
+            return False
         params = [self.q_estimator, self.k_estimator]
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.contiguous()  # an expanded grad cannot be reduced in place
+        self.last_estimator_loss = loss.detach()
+        return True
+
+    @torch.no_grad()
+    def apply_estimator_step(self, lr_scale: float = 1.0) -> None:
+        """One step of the estimator's own optimizer on its .grad (stage 2 passes the reduced lr scale)."""
         opt = self.estimator_optimizer()
         for group in opt.param_groups:
             group["lr"] = self.estimator_lr * lr_scale
-        for p, g in zip(params, grads):
-            p.grad = g
         opt.step()
-        for p in params:
-            p.grad = None
-        self.last_estimator_loss = loss.detach()
+        self.q_estimator.grad = self.k_estimator.grad = None
+
+    def step_estimator(self, lr_scale: float = 1.0) -> None:
+        """Gradients from the pending estimator loss, then one step of the estimator's optimizer."""
+        if self.estimator_gradients():
+            self.apply_estimator_step(lr_scale)
 
     # --- attention ---
     def core(self, q, k, v, head_offset: int = 0):
