@@ -216,7 +216,8 @@ def test_token_level_key_selection_equals_dense_attention_on_the_same_keys():
 
 def test_dispatcher_goes_sparse_only_where_the_cost_table_says_it_is_faster(tmp_path):
     table = tmp_path / "results.jsonl"
-    rows = [dict(backend="gather", tokens=64, sparsity=s, speedup=x) for s, x in ((0.5, 0.8), (0.9, 2.0))]
+    rows = [dict(status="ok", attention=dict(backend="gather", tokens=64, sparsity=s, speedup=x))
+            for s, x in ((0.5, 0.8), (0.9, 2.0))]
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cost = CostTable.from_file(tmp_path)
     assert cost.speedup("gather", 60, 0.7) == pytest.approx(1.4) and cost.speedup("flex", 64, 0.7) is None

@@ -102,8 +102,8 @@ class CostTable:
         path = Path(path)
         path = path / "results.jsonl" if path.is_dir() else path
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return cls((r["backend"], r["tokens"], r["sparsity"], r["speedup"]) for r in rows
-                   if r.get("status", "ok") == "ok" and r.get("speedup") is not None)
+        rows = [r.get("attention") or {} for r in rows if r.get("status") == "ok"]
+        return cls((r["backend"], r["tokens"], r["sparsity"], r["speedup"]) for r in rows if r.get("speedup"))
 
     def speedup(self, backend: str, tokens: int, sparsity: float) -> float | None:
         """Speed-up at the nearest measured token count, linear in sparsity (clamped); None if unmeasured."""
