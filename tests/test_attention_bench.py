@@ -34,3 +34,14 @@ def test_attention_command_refuses_bad_input_in_one_line(argv, message, tmp_path
     assert cli.main(["attention", "--out", str(tmp_path / "a"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("stbench: error:") and message in err and "\n" not in err
+
+
+def test_report_shows_the_attention_records_beside_nothing_else(tmp_path):
+    from stbench.report.render import render_report
+
+    out = tmp_path / "att"
+    assert cli.main(["attention", "--tokens", "64", "--sparsity", "0.5", "--heads", "1", "--head-dim", "8",
+                     "--block-size", "16", "--repeats", "1", "--rounds", "1", "--warmup", "0", "--out", str(out)]) == 0
+    html = render_report(out).read_text()
+    assert "Sparse attention vs SDPA" in html and "data:image/png;base64," in html
+    assert "sparsity (forced)" in html and html.count("<td>gather</td>") == 1 and html.count("<td>sdpa</td>") == 1

@@ -13,7 +13,7 @@ from .. import results
 from ..errors import UserError
 from ..trace import SUMMARY_FILE, load_summary
 from ..units import format_bytes
-from . import figures, verdict
+from . import attention, figures, verdict
 
 TRACES_DIR = "traces"
 REPORT_FILE = "report.html"
@@ -134,7 +134,7 @@ def make_environment() -> jinja2.Environment:
 def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
                   title: str | None = None) -> dict:
     folder = run_folder(run)
-    all_records = results.read_records(run)
+    all_records, attention_records = attention.split(results.read_records(run))
     results.check_records(run, all_records)
     records = verdict.latest_per_case(all_records)
     info = read_run_info(folder)
@@ -183,6 +183,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
         "traces_dir": str(folder / TRACES_DIR),
         "summary_file": SUMMARY_FILE,
         "columns": RECORD_COLUMNS,
+        "attention": attention.section(attention_records),
     }
 
 
