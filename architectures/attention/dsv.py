@@ -184,6 +184,10 @@ class DSVAttention(SelfAttention):
             self._plans = {key: (heads, tuple(topk[h] for h in heads))}
         return self._plans[key]
 
+    def invalidate_plan(self) -> None:
+        """Call after writing `profiled_sparsity` directly: the next sparse forward re-reads it."""
+        self._plan_version += 1
+
     def _backend(self, device) -> str:
         if self.key_selection == "token" or self._flex_failed:
             return "gather"
@@ -344,7 +348,7 @@ class DSVAttention(SelfAttention):
         m = torch.where(self.profile_updates > 0, self.profile_momentum, 0.0)  # no host read
         self.profiled_sparsity[heads] = m * self.profiled_sparsity[heads] + (1 - m) * sparsity
         self.profile_updates += 1
-        self._plan_version += 1
+        self.invalidate_plan()
 
     @torch.no_grad()
     def stats(self, query_blocks: int = 8) -> dict | None:
