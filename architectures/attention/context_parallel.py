@@ -337,7 +337,7 @@ class UlyssesParallel(ContextParallel):
             def local(qh, kh, vh, heads):
                 return core_per_run(attn, qh, kh, vh, heads)[0]
             return ulysses_attention(q, k, v, local, placement=placement, group=self.group, counter=self.counter)
-        training = attn.training and torch.is_grad_enabled()
+        training = attn.training and torch.is_grad_enabled() and attn.profile_now  # estimator trains this step
         updates = attn.profile_updates.clone()
         attn.estimator_loss = None  # a rank without heads runs no core to reset it
 
