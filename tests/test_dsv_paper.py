@@ -148,6 +148,16 @@ def test_no_host_synchronisation_inside_the_sparse_stage(overrides):
     assert counter.seen == []
 
 
+def test_a_compiled_traced_case_says_its_regions_are_not_captured(toy_case, monkeypatch, tmp_path):
+    from stbench.runner import run_case
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the record's words, not the compiler, matter
+    record = run_case(toy_case(compile=True), repeats=1, warmup=1, trace_dir=tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    assert any("record_function regions inside the torch.compile'd graph are not captured" in w
+               for w in record["warnings"])
+
+
 # --- the paper's mechanisms ----------------------------------------------------------------------------
 
 def test_stage_switch_when_the_estimator_loss_is_low_with_dense_steps_as_the_cap():
