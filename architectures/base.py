@@ -70,7 +70,8 @@ class VideoModel(nn.Module):
         return requested
 
     def extra_stats(self) -> dict:
-        """Record fields this model adds after the measured steps (e.g. {"dsv": {...}}); {} when none."""
+        """Record fields this model adds after the measured steps (e.g. {"dsv": {...}}); {} when none; a
+        'warnings' list is appended to the record's warnings."""
         return {}
 
     # --- shared behaviour ----------------------------------------------------------------------

@@ -11,16 +11,14 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .attention import ATTENTION_KINDS, CrossAttention, DSVAttention, TemporalAttention, make_self_attention
-from .attention.flex import FLEX_BLOCK, flex_supports
+from .attention import ATTENTION_KINDS, CrossAttention, TemporalAttention, make_self_attention
+from .attention.dsv_stages import SPARSE_BACKENDS, DSVSettings, DSVStages
 from .base import LATENT_SCALE, VideoModel
 from .registry import Architecture, register
 
-SPARSE_BACKENDS = ("auto", "flex", "gather")
-
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(DSVSettings):
     """Size, attention kind and DSV settings of a video DiT (every field settable with --set)."""
 
     hidden_size: int = 64
@@ -33,19 +31,6 @@ class DiTConfig:
     patch_size: tuple[int, ...] = (1, 2, 2)  # (frames, rows, cols) per token
     attention: str = "full"  # full | window | serial | parallel | dsv
     window_size: tuple[int, ...] = (4, 8, 8)  # tokens per 3D window (frames, rows, cols), shrunk to fit the grid
-    # DSV
-    estimator_rank: int = 16  # low-rank dims per head
-    block_size: int = 64  # tokens per query block and per key/value block
-    dense_steps: int = 2  # stage 1 (dense, profiling) lasts this many training steps
-    sparsity_threshold: float = 0.5  # heads with profiled sparsity above it go sparse in stage 2
-    sparsity: float | None = None  # None: k from profiling; a float forces it for every head
-    topk_min: int = 1  # at least this many key blocks per query block
-    profile_momentum: float = 0.9
-    mass_coverage: float = 0.9  # profiled sparsity = 1 - (blocks holding this much attention mass) / blocks
-    estimator_samples: int = 64  # sampled queries per layer for the estimator loss and profiling
-    estimator_loss_weight: float = 1.0
-    sparse_backend: str = "auto"  # auto (FlexAttention on CUDA, gather on CPU) | flex | gather
-    sparse_recompute: bool = False  # gather path: re-gather in backward instead of saving gathered K/V blocks
 
     def tokens(self, frames: int, height: int, width: int) -> int:
         """Tokens of a video of `frames` x `height` x `width` pixels (latents /8, then patchified)."""
@@ -55,23 +40,12 @@ class DiTConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention: {self.attention!r} is not legal; legal: {', '.join(ATTENTION_KINDS)}")
-        if self.sparse_backend not in SPARSE_BACKENDS:
-            raise ValueError(f"sparse_backend: {self.sparse_backend!r}; legal: {', '.join(SPARSE_BACKENDS)}")
-        for name in ("hidden_size", "depth", "heads", "head_dim", "text_dim", "estimator_rank", "block_size",
-                     "topk_min", "estimator_samples"):
+        for name in ("hidden_size", "depth", "heads", "head_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if len(self.patch_size) != 3 or len(self.window_size) != 3 or min(self.patch_size + self.window_size) < 1:
             raise ValueError("patch_size and window_size: three positive ints (frames, rows, cols)")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity: must be in [0, 1) or None, got {self.sparsity}")
-        if not 0.0 <= self.profile_momentum < 1.0 or not 0.0 < self.mass_coverage <= 1.0:
-            raise ValueError("profile_momentum must be in [0, 1) and mass_coverage in (0, 1]")
-        if self.dense_steps < 0:
-            raise ValueError(f"dense_steps: must be >= 0, got {self.dense_steps}")
-        if self.sparse_backend == "flex" and not flex_supports(self.block_size):
-            raise ValueError(f"block_size: {self.block_size} does not tile FlexAttention's {FLEX_BLOCK}-token blocks; "
-                             f"use a divisor or multiple of {FLEX_BLOCK}, or sparse_backend=gather")
+        self.check_dsv()
 
 
 def modulate(x, shift, scale):  # (B, N, C), (B, 1, C) x2 -> (B, N, C)
@@ -159,7 +133,7 @@ class FinalLayer(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
-class VideoDiT(VideoModel):
+class VideoDiT(DSVStages, VideoModel):
     """Text-to-video DiT on latents (B, 4, F, h, w); self-attention kind chosen by config.attention."""
 
     def __init__(self, config: DiTConfig):
@@ -171,38 +145,12 @@ class VideoDiT(VideoModel):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final = FinalLayer(C, pt * ph * pw, config.in_channels)
         self.context_parallel = None  # set to a context-parallel helper (shard_tokens/gather_tokens/attention)
-        self.steps_done = 0  # DSV: training steps taken (loss() calls with grad); the stage follows it
-        self._last_inputs = None  # DSV: the first sample of the last forward (views); dsv_stats() re-runs it
         self._pos_cache: dict = {}
-        self._dsv = [m for m in self.modules() if isinstance(m, DSVAttention)]  # a plain list: not registered
+        self.init_dsv()
 
     @property
     def text_dim(self) -> int:
         return self.config.text_dim
-
-    def dsv_layers(self) -> list[DSVAttention]:
-        return list(self._dsv)
-
-    def warmup_steps(self, requested: int) -> int:
-        """DSV trains dense for `dense_steps`, then sparse: the first sparse steps build (on CUDA, compile) the
-        sparse kernels, which belongs to warm-up, so every measured step runs the final stage."""
-        return max(requested, self.config.dense_steps + 2) if self._dsv else requested
-
-    def extra_stats(self) -> dict:
-        return {"dsv": self.dsv_stats()} if self._dsv else {}
-
-    # Step bookkeeping runs outside torch.compile: a traced int counter would be guarded on and recompiled
-    # every step; the layers' `sparse_active` flag changes once (stage 1 -> 2), so at most one recompile.
-    @torch.compiler.disable
-    def _begin_forward(self, sample, timesteps, text):
-        self._last_inputs = (sample[:1].detach(), timesteps[:1], text[:1].detach())
-        stage2 = self.steps_done >= self.config.dense_steps
-        for layer in self._dsv:
-            layer.sparse_active = stage2
-
-    @torch.compiler.disable
-    def _count_step(self):
-        self.steps_done += 1
 
     def group_of(self, parameter_name: str) -> str:
         if parameter_name.endswith(("q_estimator", "k_estimator")):
@@ -250,46 +198,6 @@ class VideoDiT(VideoModel):
         if cp is not None:
             x = cp.gather_tokens(x)  # (B, N, C)
         return self.unpatchify(self.final(x, c), grid)  # (B, 4, F, h, w)
-
-    def loss(self, batch):
-        """Noise-prediction MSE plus DSV's estimator loss (which reaches only the estimators)."""
-        loss = super().loss(batch)
-        if not self._dsv:
-            return loss
-        if self.training and torch.is_grad_enabled():
-            self._count_step()
-        estimator = [m.estimator_loss for m in self._dsv if m.estimator_loss is not None]
-        if estimator:
-            loss = loss + self.config.estimator_loss_weight * torch.stack(estimator).float().mean()
-        return loss
-
-    @torch.no_grad()
-    def dsv_stats(self) -> dict | None:
-        """Sparsity, estimator recall and output error, measured now on the first sample of the last forward.
-
-        Re-runs that sample without grad (same stage and head decisions, no profiling), so training steps
-        keep nothing extra alive. Under context parallelism every rank must call it (the forward is collective).
-        """
-        layers = self.dsv_layers()
-        if not layers or self._last_inputs is None:
-            return None
-        for layer in layers:
-            layer.capture_stats = True
-        try:
-            self(*self._last_inputs)
-            per_layer = [m.stats() for m in layers]
-        finally:
-            for layer in layers:
-                layer.capture_stats, layer._last = False, None
-        if any(s is None for s in per_layer):
-            return None
-        heads = sum(s["heads"] for s in per_layer)
-        return {"layer_sparsity": [s["sparsity"] for s in per_layer],
-                "estimator_recall": sum(s["recall"] for s in per_layer) / len(per_layer),
-                "sparse_head_fraction": sum(s["sparse_heads"] for s in per_layer) / heads,
-                "rel_error": sum(s["rel_error"] for s in per_layer) / len(per_layer),
-                "steps_done": self.steps_done}
-
 
 def check_shape(config: DiTConfig, frames: int, height: int, width: int) -> None:
     pt, ph, pw = config.patch_size

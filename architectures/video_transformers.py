@@ -7,46 +7,26 @@ from typing import Callable
 
 import torch
 
+from .attention.dsv_stages import DSVSettings, DSVStages
 from .attention.processors import ATTENTION_CHOICES, SwappedAttnProcessor, install_attention
 from .base import VideoModel
-from .dit import SPARSE_BACKENDS, VideoDiT
 
 VIDEO_TRANSFORMER_MODES = ("full",)  # one 3D attention per block: no temporal part to train alone
 
 
 @dataclass(frozen=True)
-class SwapSettings:
+class SwapSettings(DSVSettings):
     """Attention choice and its window / DSV settings (the same meanings as the home-made DiT's)."""
 
     attention: str = "full"  # full (diffusers' own processor) | window | dsv
     window_size: tuple[int, ...] = (4, 8, 8)  # tokens per 3D window (frames, rows, cols), shrunk to fit
-    estimator_rank: int = 16
-    block_size: int = 64
-    dense_steps: int = 2
-    sparsity_threshold: float = 0.5
-    sparsity: float | None = None  # None: from profiling; a float forces it for every head (labelled forced)
-    topk_min: int = 1
-    profile_momentum: float = 0.9
-    mass_coverage: float = 0.9
-    estimator_samples: int = 64
-    estimator_loss_weight: float = 1.0
-    sparse_backend: str = "auto"
-    sparse_recompute: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention: {self.attention!r} is not legal; legal: {', '.join(ATTENTION_CHOICES)}")
-        if self.sparse_backend not in SPARSE_BACKENDS:
-            raise ValueError(f"sparse_backend: {self.sparse_backend!r}; legal: {', '.join(SPARSE_BACKENDS)}")
-        for name in ("estimator_rank", "block_size", "topk_min", "estimator_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if len(self.window_size) != 3 or min(self.window_size) < 1:
             raise ValueError("window_size: three positive ints (frames, rows, cols)")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity: must be in [0, 1) or None, got {self.sparsity}")
-        if self.dense_steps < 0:
-            raise ValueError(f"dense_steps: must be >= 0, got {self.dense_steps}")
+        self.check_dsv()
 
 
 def check_latent_shape(model_cls, config, frames: int, height: int, width: int, patch: tuple[int, int, int]):
@@ -63,7 +43,7 @@ def check_latent_shape(model_cls, config, frames: int, height: int, width: int, 
             raise ValueError(f"{name} must be a multiple of {s * p} (VAE /{s}, patch {p}), got {size}")
 
 
-class DiffusersVideoModel(VideoModel):
+class DiffusersVideoModel(DSVStages, VideoModel):
     """A diffusers video transformer behind the VideoModel interface, with its self-attention swappable."""
 
     # Subclasses set the latent space and objective (class attributes of VideoModel), build `self.transformer`
@@ -80,9 +60,7 @@ class DiffusersVideoModel(VideoModel):
         for modules, text, grid_of in self.attention_targets():
             for processor in install_attention(modules, config.attention, config, text):
                 self.swapped.append((processor, grid_of))
-        self._dsv = [p.dsv for p, _ in self.swapped if p.dsv is not None]  # a plain list: not registered twice
-        self.steps_done = 0
-        self._last_inputs = None
+        self.init_dsv()
 
     # --- what families provide -----------------------------------------------------------------
     def build_transformer(self, config):
@@ -118,34 +96,6 @@ class DiffusersVideoModel(VideoModel):
         for processor, grid_of in self.swapped:
             processor.grid = grid_of(grid)
         return self.run(sample, timesteps, text)
-
-    def loss(self, batch):
-        """The objective's MSE plus DSV's estimator loss (which reaches only the estimators)."""
-        loss = super().loss(batch)
-        if not self._dsv:
-            return loss
-        if self.training and torch.is_grad_enabled():
-            self._count_step()
-        estimator = [m.estimator_loss for m in self._dsv if m.estimator_loss is not None]
-        if estimator:
-            loss = loss + self.config.estimator_loss_weight * torch.stack(estimator).float().mean()
-        return loss
-
-    # DSV's stage switch, step counter and stats are the home-made DiT's, on this model's layers
-    _begin_forward = VideoDiT._begin_forward
-    _count_step = VideoDiT._count_step
-    dsv_stats = VideoDiT.dsv_stats
-
-    def dsv_layers(self):
-        return list(self._dsv)
-
-    def warmup_steps(self, requested: int) -> int:
-        """Warm-up past DSV's stage switch and first sparse step (see stbench.step)."""
-        return max(requested, self.config.dense_steps + 2) if self._dsv else requested
-
-    def extra_stats(self) -> dict:
-        stats = self.dsv_stats() if self._dsv else None
-        return {"dsv": stats} if stats is not None else {}
 
 
 def video_grid(grid):  # the grid a full 3D self-attention sees: every video token of the sample

@@ -15,6 +15,7 @@ COMMANDS = {
     "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
     "list": ("stbench.listing", "list architectures: family, presets with parameter counts, attention, modes"),
     "predict": ("stbench.predict.command", "predict peak memory and step time on named GPUs, without a GPU"),
+    "attention": ("stbench.attention_bench", "time sparse attention backends against SDPA (forward+backward)"),
 }
 
 

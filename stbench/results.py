@@ -20,6 +20,7 @@ from .runfolder import results_path
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error")
+ATTENTION_PRESET = "attention"  # the preset of `stbench attention` records (no frames or resolution)
 
 # Roles of a field. identity: names the case (resume, gate and report match on it); shape: the grid axes of a
 # sweep (identity fields that vary within one comparison table).
@@ -77,6 +78,7 @@ class Record:
     dsv: typing.Optional[dict] = None  # dit-dsv: sparsity, estimator recall, ...
     train: typing.Optional[dict] = None  # stbench train: losses, wall time, held-out loss
     predicted: typing.Optional[dict] = None  # stbench predict: always a prediction, never a measurement
+    attention: typing.Optional[dict] = None  # stbench attention: a backend against SDPA at tokens x sparsity
     # torchrun (context parallelism): the busiest rank's bytes, and per-rank lists
     comm_bytes: typing.Optional[int] = None
     comm_bytes_by_kind: typing.Optional[dict] = None
@@ -185,6 +187,8 @@ def check_records(run: str | os.PathLike, records: list[dict]) -> None:
     """The identity and status fields that report and gate rely on must be present and typed (UserError if not)."""
     for number, record in enumerate(records, 1):
         for name, kind in REQUIRED.items():
+            if name in SHAPE_FIELDS and record.get("preset") == ATTENTION_PRESET:
+                continue  # `stbench attention` times attention alone: tokens, not a video shape
             value = record.get(name)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise UserError(f"{results_path(run)}: record {number} has no valid {name!r} "

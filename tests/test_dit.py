@@ -69,8 +69,8 @@ def test_set_overrides_are_typed_and_validated():
     assert Case(arch="dit-dsv", overrides=(("sparsity", "none"),)).model_config().sparsity is None
     with pytest.raises(UserError, match="sparsity"):
         Case(arch="dit-dsv", overrides=(("sparsity", "1.5"),))
-    # an explicit FlexAttention backend must get blocks that tile its 128-token blocks, not a silent gather
-    with pytest.raises(UserError, match="block_size: 48 does not tile"):
+    # an explicit FlexAttention backend must get blocks its kernel can tile exactly, not a silent gather
+    with pytest.raises(UserError, match="block_size: 48 cannot be a FlexAttention tile"):
         Case(arch="dit-dsv", overrides=(("sparse_backend", "flex"), ("block_size", "48")))
 
 

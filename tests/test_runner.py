@@ -54,9 +54,11 @@ def test_model_error_keeps_the_traceback_tail(toy_case):
     assert "in _inject_fault" in record["error"]  # the frames, not just the message
 
 
-def test_dsv_stats_go_into_the_record(toy_case, monkeypatch):
-    monkeypatch.setattr(ToyVideoModel, "extra_stats", lambda self: {"dsv": {"sparse_head_fraction": 0.5}})
-    assert runner.run_case(toy_case(), repeats=2)["dsv"] == {"sparse_head_fraction": 0.5}
+def test_model_extra_stats_go_into_the_record(toy_case, monkeypatch):
+    monkeypatch.setattr(ToyVideoModel, "extra_stats",
+                        lambda self: {"dsv": {"sparse_head_fraction": 0.5}, "warnings": ["model note"]})
+    record = runner.run_case(toy_case(), repeats=2)
+    assert record["dsv"] == {"sparse_head_fraction": 0.5} and "model note" in record["warnings"]
 
 
 def test_trace_hook_writes_per_case_folder(toy_case, tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .dsv import (DSVAttention, block_mask_to_token_mask, block_sparse_attention, estimate_block_scores,
-                  gather_block_sparse_attention, select_blocks)
+from .dsv import (CostTable, DSVAttention, block_mask_to_token_mask, block_sparse_attention, estimate_block_scores,
+                  gather_block_sparse_attention, select_blocks, select_key_tokens)
+from .dsv_stages import make_dsv_attention
 from .factorised import ParallelSpatialTemporal, SpatialAttention, TemporalAttention
 from .full import CrossAttention, FullAttention, SelfAttention, dense_attention
 from .window import WindowAttention
@@ -20,11 +21,7 @@ ATTENTION_KINDS: dict[str, Callable] = {
     "window": lambda dim, heads, head_dim, cfg: WindowAttention(dim, heads, head_dim, cfg.window_size),
     "serial": lambda dim, heads, head_dim, cfg: SpatialAttention(dim, heads, head_dim),  # + a temporal sublayer
     "parallel": lambda dim, heads, head_dim, cfg: ParallelSpatialTemporal(dim, heads, head_dim),
-    "dsv": lambda dim, heads, head_dim, cfg: DSVAttention(
-        dim, heads, head_dim, rank=cfg.estimator_rank, block_size=cfg.block_size,
-        sparsity_threshold=cfg.sparsity_threshold, sparsity=cfg.sparsity, topk_min=cfg.topk_min,
-        profile_momentum=cfg.profile_momentum, mass_coverage=cfg.mass_coverage,
-        estimator_samples=cfg.estimator_samples, backend=cfg.sparse_backend, recompute=cfg.sparse_recompute),
+    "dsv": lambda dim, heads, head_dim, cfg: make_dsv_attention(dim, heads, head_dim, cfg),
 }
 
 
@@ -37,4 +34,4 @@ def make_self_attention(kind: str, dim: int, heads: int, head_dim: int, config):
 __all__ = ["ATTENTION_KINDS", "make_self_attention", "SelfAttention", "FullAttention", "WindowAttention",
            "SpatialAttention", "TemporalAttention", "ParallelSpatialTemporal", "DSVAttention", "CrossAttention",
            "dense_attention", "estimate_block_scores", "select_blocks", "block_sparse_attention",
-           "gather_block_sparse_attention", "block_mask_to_token_mask"]
+           "gather_block_sparse_attention", "block_mask_to_token_mask", "select_key_tokens", "CostTable"]

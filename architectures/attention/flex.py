@@ -1,29 +1,24 @@
-"""Block-sparse attention on CUDA through FlexAttention (a BlockMask built from the selected blocks).
+"""Block-sparse attention through FlexAttention (a BlockMask built from the selected DSV blocks).
 
-FlexAttention's default backward kernels on Hopper use 128-token tiles, which must divide the BlockMask's
-blocks; a DSV block of 64 tokens would leave no valid kernel. So the BlockMask is kept at 128-token blocks
-(a coarse block is visited when any of its DSV blocks is selected) and a mask_mod applies the exact
-DSV-block selection inside it: the result is exactly attention restricted to the selected blocks.
+The BlockMask's block is the DSV block, and the kernel's tiles are made to divide it (`kernel_options`
+where the block is smaller than the default tiles), so the kernel computes exactly the selected blocks:
+what the record reports as computed is what ran. No process-wide state: a failure is the caller's to report.
 """
 from __future__ import annotations
-
-import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-FLEX_BLOCK = 128  # BlockMask block size: a multiple of every default kernel tile
+FLEX_BLOCK = 128  # FlexAttention's default BlockMask block; the default kernel tiles divide it
 # Compiles are static per shape, and DSV layers differ in how many heads go sparse: a sweep meets many
 # (batch, heads, tokens, grad mode) combinations, more than dynamo's default limit of 8 per function.
 FLEX_RECOMPILE_LIMIT = 64
 _compiled_flex = None
-_flex_broken: str | None = None  # set once when FlexAttention fails on this machine; callers fall back
 
 
 def flex_available(device: torch.device) -> bool:
     """FlexAttention's compiled kernels run on CUDA only (there is no CPU backward)."""
-    if device.type != "cuda" or _flex_broken is not None:
+    if device.type != "cuda":
         return False
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
@@ -33,8 +28,15 @@ def flex_available(device: torch.device) -> bool:
 
 
 def flex_supports(block_size: int) -> bool:
-    """DSV blocks that tile FlexAttention's blocks exactly (16, 32, 64, 128, 256, ...)."""
-    return block_size % FLEX_BLOCK == 0 or FLEX_BLOCK % block_size == 0
+    """DSV blocks the kernel can tile exactly: powers of two from 16 up to FLEX_BLOCK, or multiples of FLEX_BLOCK."""
+    return block_size % FLEX_BLOCK == 0 or (block_size >= 16 and FLEX_BLOCK % block_size == 0)
+
+
+def kernel_tiles(block_size: int) -> dict:
+    """kernel_options making every forward/backward tile divide a `block_size` block (none needed from 128 up)."""
+    if block_size % FLEX_BLOCK == 0:
+        return {}
+    return {name: block_size for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
 
 
 def compiled_flex_attention():
@@ -58,57 +60,64 @@ def _recompile_room():
     return config.patch(**{name: max(FLEX_RECOMPILE_LIMIT, getattr(config, name))})
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """A head dim every FlexAttention version takes: a power of two, at least 16 (96 -> 128, 8 -> 16)."""
-    return max(16, 1 << math.ceil(math.log2(head_dim)))
+def flex_head_dim(head_dim: int) -> int:
+    """The head dim the kernel is given: torch >= 2.6 rounds non-power-of-two dims inside the kernel (no copy);
+    older versions need them padded to a power of two (the padded dims are computed, so FLOPs count them)."""
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6):
+        return max(16, head_dim)
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def to_flex_block_mask(block_mask: torch.Tensor, block_size: int, seq_len: int, padded_len: int):
-    """(B, H, nQ, nK) bool over DSV blocks -> a FlexAttention BlockMask over `padded_len` tokens."""
+def to_flex_block_mask(block_mask: torch.Tensor, block_size: int, kv_len: int, q_padded: int, kv_padded: int):
+    """(B, H, nQ, nK) bool over DSV blocks -> a FlexAttention BlockMask with the same blocks; keys from
+    `kv_len` on are padding. Queries may be a shard of the keys' sequence (ring context parallelism)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    flex_block = max(block_size, FLEX_BLOCK)
-    ratio = flex_block // block_size
-    n = padded_len // flex_block
-    fine = F.pad(block_mask, (0, n * ratio - block_mask.shape[-1], 0, n * ratio - block_mask.shape[-2]))
-    sub = fine.view(*fine.shape[:2], n, ratio, n, ratio)
-    full = sub.all(5).all(3)  # (B, H, n, n): every DSV block inside selected -> no mask_mod needed there
-    if padded_len != seq_len:
-        full[..., -1] = False  # the last key block holds padding: mask_mod must run there
-    partial = sub.any(5).any(3) & ~full
+    full = block_mask.clone()
+    if kv_padded != kv_len:
+        full[..., -1] = False  # the last key block holds padding: the mask_mod must run there
+    partial = block_mask & ~full
 
     def blocks(m):  # -> counts (B, H, n) int32, selected indices first (stable sort of the 0/1 mask)
         order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
         return m.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
-    def mask_mod(b, h, q_idx, kv_idx):  # the exact DSV-block selection, no padded keys
-        return fine[b, h, q_idx // block_size, kv_idx // block_size] & (kv_idx < seq_len)
+    # The kernel applies mask_mod only in partial blocks (here: the last, padded key block); FlexAttention's
+    # eager reference applies it everywhere, so it states the whole selection.
+    def mask_mod(b, h, q_idx, kv_idx):
+        return block_mask[b, h, q_idx // block_size, kv_idx // block_size] & (kv_idx < kv_len)
 
     (num, idx), (full_num, full_idx) = blocks(partial), blocks(full)
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=flex_block, mask_mod=mask_mod,
-                                    seq_lengths=(padded_len, padded_len))
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(q_padded, kv_padded))
 
 
-def flex_block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float):
-    """q, k, v (B, H, N, D) -> (B, H, N, D) through the compiled FlexAttention kernel."""
-    N, head_dim = q.shape[-2], q.shape[-1]
-    flex_block = max(block_size, FLEX_BLOCK)
-    padded = -(-N // flex_block) * flex_block
-    dp = padded_head_dim(head_dim)
-    if dp != head_dim or padded != N:
-        # zero head-dim columns change no score; padded value columns and padded tokens are sliced off
-        q, k, v = (F.pad(t, (0, dp - head_dim, 0, padded - N)) for t in (q, k, v))  # (B, H, padded, dp)
-    else:  # contiguous either way: the compiled kernel guards on strides, one layout means one compile per shape
-        q, k, v = (t.contiguous() for t in (q, k, v))
-    mask = to_flex_block_mask(block_mask, block_size, N, padded)
+def _flex_call(q, k, v, block_mask, block_size: int, scale: float):
+    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, H, Nq, D) through the compiled FlexAttention kernel."""
+    nq, nk, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    pq, pk = (-(-n // block_size) * block_size for n in (nq, nk))
+    dp = flex_head_dim(head_dim)
+    # zero head-dim columns change no score; padded value columns and padded tokens are sliced off. Contiguous
+    # either way: the compiled kernel guards on strides, one layout means one compile per shape.
+    q = F.pad(q, (0, dp - head_dim, 0, pq - nq)) if (dp, pq) != (head_dim, nq) else q.contiguous()
+    k, v = (F.pad(t, (0, dp - head_dim, 0, pk - nk)) if (dp, pk) != (head_dim, nk) else t.contiguous()
+            for t in (k, v))
+    mask = to_flex_block_mask(block_mask, block_size, nk, pq, pk)
+    options = kernel_tiles(block_size) if q.device.type == "cuda" else {}
     with _recompile_room():
-        out = compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)  # (B, H, padded, dp)
-    return out[..., :N, :head_dim]
+        out = compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale,
+                                        kernel_options=options or None)  # (B, H, pq, dp)
+    return out[..., :nq, :head_dim]
 
 
 @torch.compiler.disable  # the kernel is compiled on its own; an outer torch.compile calls it as is
-def flex_attention_with_fallback(q, k, v, block_mask, block_size: int, scale: float, fallback):
-    return FlexWithFallback.apply(q, k, v, block_mask, block_size, scale, fallback)
+def flex_block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float, *, fallback=None,
+                                on_fallback=None):
+    """FlexAttention forward and backward; if the backward kernel fails to build, `fallback(q, k, v)`'s
+    gradients are used and `on_fallback(message)` is told. Without a fallback, the kernel runs as is."""
+    if fallback is None:
+        return _flex_call(q, k, v, block_mask, block_size, scale)
+    return FlexWithFallback.apply(q, k, v, block_mask, block_size, scale, fallback, on_fallback)
 
 
 class FlexWithFallback(torch.autograd.Function):
@@ -117,11 +126,11 @@ class FlexWithFallback(torch.autograd.Function):
     # the backward kernel compiles at the first backward: a compile error there would otherwise end the run
 
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, block_size, scale, fallback):
+    def forward(ctx, q, k, v, block_mask, block_size, scale, fallback, on_fallback):
         with torch.enable_grad():
             leaves = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            out = flex_block_sparse_attention(*leaves, block_mask, block_size, scale)
-        ctx.leaves, ctx.out, ctx.rest = leaves, out, (block_mask, block_size, scale, fallback)
+            out = _flex_call(*leaves, block_mask, block_size, scale)
+        ctx.leaves, ctx.out, ctx.rest = leaves, out, (fallback, on_fallback)
         return out.detach()
 
     @staticmethod
@@ -131,21 +140,18 @@ class FlexWithFallback(torch.autograd.Function):
         wanted = [t for t in leaves if t.requires_grad]
         try:
             grads = iter(torch.autograd.grad(out, wanted, grad))
-        except torch.OutOfMemoryError:
-            raise  # a measurement (status oom), not a broken kernel
         except Exception as error:  # noqa: BLE001 - any kernel build failure: recompute on the gather path
-            mark_flex_broken(error)
-            block_mask, block_size, scale, fallback = ctx.rest
+            from stbench.measure.memory import is_out_of_memory  # the one shared out-of-memory check
+
+            if is_out_of_memory(error):
+                raise  # a measurement (status oom), not a broken kernel
+            fallback, on_fallback = ctx.rest
+            if on_fallback is not None:
+                on_fallback(f"FlexAttention backward failed ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200]}); its gradients came from the gather path")
             with torch.enable_grad():
                 again = tuple(t.detach().requires_grad_(t.requires_grad) for t in leaves)
-                redo = fallback(*again, block_mask, block_size, scale)
+                redo = fallback(*again)
                 grads = iter(torch.autograd.grad(redo, [t for t in again if t.requires_grad], grad))
         ctx.leaves = ctx.out = None
-        return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 4
-
-
-def mark_flex_broken(error: Exception) -> None:
-    """Remember a FlexAttention failure so later calls use the gather implementation instead of crashing."""
-    global _flex_broken
-    _flex_broken = f"{type(error).__name__}: {error}"
-    warnings.warn(f"FlexAttention failed ({_flex_broken}); using the gather-based block-sparse attention")
+        return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 5

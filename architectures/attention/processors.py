@@ -20,6 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .dsv import DSVAttention
+from .dsv_stages import make_dsv_attention
 from .full import dense_attention
 from .window import fit_window, window_merge, window_partition
 
@@ -50,11 +51,7 @@ def routed_sdpa(route):
 
 def make_dsv_core(heads: int, head_dim: int, cfg) -> DSVAttention:
     """A DSV attention core (estimator, profile, block-sparse kernel) for a layer whose projections diffusers owns."""
-    core = DSVAttention(
-        1, heads, head_dim, rank=cfg.estimator_rank, block_size=cfg.block_size,
-        sparsity_threshold=cfg.sparsity_threshold, sparsity=cfg.sparsity, topk_min=cfg.topk_min,
-        profile_momentum=cfg.profile_momentum, mass_coverage=cfg.mass_coverage,
-        estimator_samples=cfg.estimator_samples, backend=cfg.sparse_backend, recompute=cfg.sparse_recompute)
+    core = make_dsv_attention(1, heads, head_dim, cfg)
     del core.qkv, core.out  # the diffusers module keeps its own projections; only the core is used
     return core
 
@@ -119,6 +116,7 @@ class SwappedAttnProcessor(nn.Module):
             raise RuntimeError(f"{q.shape[2]} tokens do not match the video grid {self.grid}")
         if self.kind == "window":
             return window_with_text(q, k, v, self.grid, self.window, self.text, n_text)
+        self.dsv.grid = self.grid if not n_text else None  # 3D cube query groups need a video-only sequence
         return self.dsv.core(q, k, v)
 
 

@@ -65,11 +65,17 @@ def tf32_enabled() -> bool:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of the matmul/conv/attention ops that `fn()` runs (forward and backward alike)."""
+    """FLOPs of the matmul/conv/attention ops that `fn()` runs (forward and backward alike).
+
+    Block-sparse attention is not traced (FlexAttention cannot run under a dispatch mode): it runs as it
+    would anyway and reports the FLOPs of the score tiles its kernel computes (architectures' sparse hook).
+    """
+    from architectures.attention.sparse import count_sparse_flops
+
     counter = FlopCounterMode(display=False)
-    with counter:
+    with count_sparse_flops() as sparse, counter:
         fn()
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + sparse[0]
 
 
 def throughput(flops: int | None, median_ms: float | None, peak: float | None) -> tuple[float | None, float | None]:

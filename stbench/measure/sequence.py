@@ -75,9 +75,14 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     if sampler.available and sampler.peak_process is None:
         warnings.append("nvml: no per-process memory reported for this pid (container pid namespace?)")
     record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
-    record.update(soft(record, "model stats", model.extra_stats) or {})
+    extra = soft(record, "model stats", model.extra_stats) or {}
+    warnings.extend(extra.pop("warnings", []))
+    record.update(extra)
 
     if trace_dir is not None:
+        if case.compile:
+            warnings.append("trace: record_function regions inside the torch.compile'd graph are not captured "
+                            "(the summary's region times miss them); kernels and operators are")
         from ..results import case_slug
         from ..trace import profile_training_steps
 

@@ -234,11 +234,14 @@ def core_per_run(attn, qh, kh, vh, heads, before_each=None):
 
 
 def dsv_head_work(attn, tokens: int) -> list[float]:
-    """Dense-equivalent work of each head of a DSV layer: topk/n_kv_blocks (= 1 - sparsity) if sparse, else 1."""
+    """Dense-equivalent work of each head of a DSV layer: topk/n_kv_blocks (= 1 - sparsity) if sparse, else 1.
+    From the layer's host-side plan: no device read per step."""
     nk = n_blocks(tokens, attn.block_size)
-    sparse = attn.sparse_heads(nk)
-    frac = attn.head_topk(nk).double() / nk
-    return torch.where(sparse.cpu(), frac.cpu(), torch.ones_like(frac.cpu())).tolist()
+    work = [1.0] * attn.heads
+    if attn.sparse_active:
+        for head, topk in zip(*attn.plan(nk, tokens)):
+            work[head] = topk / nk
+    return work
 
 
 class ContextParallel:
@@ -334,7 +337,7 @@ class UlyssesParallel(ContextParallel):
             def local(qh, kh, vh, heads):
                 return core_per_run(attn, qh, kh, vh, heads)[0]
             return ulysses_attention(q, k, v, local, placement=placement, group=self.group, counter=self.counter)
-        training = attn.training and torch.is_grad_enabled()
+        training = attn.training and torch.is_grad_enabled() and attn.profile_now  # estimator trains this step
         updates = attn.profile_updates.clone()
         attn.estimator_loss = None  # a rank without heads runs no core to reset it
 
@@ -361,6 +364,7 @@ class UlyssesParallel(ContextParallel):
         with torch.no_grad():
             for r, heads in enumerate(placement):
                 attn.profiled_sparsity[heads] = profile[r, heads]
+        attn.invalidate_plan()
         # this rank's share of the all-heads mean (fp32 on every rank, also one without heads)
         local = (torch.stack(losses).sum() / H if losses else attn.q_estimator.sum() * 0).float()
         total = local.detach().clone()

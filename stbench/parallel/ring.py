@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from architectures.attention.dsv import (DSVAttention, block_sums, blocks_to_cover, estimate_block_scores,
-                                        gather_block_sparse_attention, select_blocks)
+from architectures.attention.dsv import DSVAttention, block_sums, blocks_to_cover, estimate_block_scores, select_blocks
 from architectures.attention.full import FullAttention
+from architectures.attention.sparse import block_sparse_attention
 
 from .context_parallel import (CommCounter, ContextParallel, all_gather_counted, all_to_all_rows, allreduce_bytes,
                                dsv_head_work, global_rank, nbytes)
@@ -234,30 +234,39 @@ class RingParallel(ContextParallel):
             raise ValueError(f"ring context parallelism with DSV needs the tokens per rank ({n}) to be a "
                              f"multiple of block_size ({bs}); change frames/resolution or --set block_size")
         nk = N // bs
-        sparse = attn.sparse_heads(nk)
+        if attn.query_groups == "cube":
+            raise ValueError("ring context parallelism with DSV shards tokens in raster order; "
+                             "--set query_groups=raster (or use --context-parallel ulysses)")
+        planned, topk = attn.plan(nk, N) if attn.sparse_active else ((), ())  # host-side: no synchronisation
+        sparse = torch.zeros(H, dtype=torch.bool)
+        sparse[list(planned)] = True
         training = attn.training and torch.is_grad_enabled()
+        learn = training and attn.profile_now
         heads = slice(0, H)
         q_est = k_est = None
-        if training or bool(sparse.any()):
+        if learn or planned:
             q_est, k_est = attn.estimate(q, k, heads)  # local tokens: (B, H, n, r)
-        attn.estimator_loss = self._estimator_loss(attn, q, k, k_est, profile=not attn.sparse_active) \
-            if training else None
+        attn.estimator_loss = self._estimator_loss(attn, q, k, k_est, profile=True) if learn else None
         work = dsv_head_work(attn, N)
         self.layer_work[id(attn)] = [sum(work) / self.world] * self.world
-        sel, rest = sparse.nonzero().squeeze(1), (~sparse).nonzero().squeeze(1)
+        sel = torch.tensor(planned, dtype=torch.long, device=q.device)
+        rest = torch.tensor([h for h in range(H) if h not in planned], dtype=torch.long, device=q.device)
         outs = []
-        if len(sel):
+        if planned:
             with torch.no_grad():
                 k_est_all = all_gather_counted(k_est[:, sel].detach(), self.group, self.counter, "attention", dim=2)
                 scores = estimate_block_scores(q_est[:, sel], k_est_all, bs, scale)
-                mask = select_blocks(scores, attn.head_topk(nk)[sel])  # (B, Hs, n/bs, nk)
+                mask = select_blocks(scores, torch.tensor(topk, device=q.device), kmax=max(topk))  # (B, Hs, n/bs, nk)
             k_full, v_full = sparse_kv_exchange(k[:, sel], v[:, sel], mask, bs, group=self.group,
                                                 counter=self.counter)
-            outs.append(gather_block_sparse_attention(q[:, sel], k_full, v_full, mask, bs, N, scale))
+            # the layer's own kernel (FlexAttention on CUDA), as one GPU runs it
+            outs.append(block_sparse_attention(q[:, sel], k_full, v_full, mask, bs, scale, attn._backend(q.device),
+                                               attn.recompute, kmax=max(topk), uniform=len(set(topk)) == 1,
+                                               on_fallback=attn._fallback))
         if len(rest):
             outs.append(ring_attention(q[:, rest], k[:, rest], v[:, rest], group=self.group, counter=self.counter))
         out = torch.cat(outs, 1)  # (B, H, n, D), sparse heads first
-        if len(sel) and len(rest):
+        if planned and len(rest):
             out = out[:, torch.argsort(torch.cat([sel, rest]))]  # back to head order
         attn.last_sparse_heads = sparse
         if attn.capture_stats:  # stats() then describe this rank's token shard

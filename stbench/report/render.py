@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..runfolder import REPORT_FILE, TRACES_DIR, find_traces, read_run_info, run_folder
 from ..trace import SUMMARY_FILE
 from ..units import format_bytes
-from . import figures, predicted, verdict
+from . import attention, figures, predicted, verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
 ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
@@ -87,7 +87,8 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
                   title: str | None = None) -> dict:
     folder = run_folder(run)
     frame = results.load_frame(run)
-    records = results.frame_records(frame.drop_duplicates("case_key", keep="last"))
+    records, attention_records = attention.split(results.frame_records(frame.drop_duplicates("case_key",
+                                                                                             keep="last")))
     info = read_run_info(folder)
     traces = find_traces(folder, [(results.case_slug(r), r) for r in records])
     traced = [(t["record"], t["summary"]) for t in traces if t["record"] is not None and t["summary"]]
@@ -122,7 +123,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
         "environment": environment(records),
         "records": sorted(records, key=lambda r: (r["arch"], r["preset"], r["mode"], r["resolution"], r["frames"],
                                                   r["batch"], r["dtype"], r["device"])),
-        "superseded": len(frame) - len(records),
+        "superseded": len(frame) - frame["case_key"].nunique(),
         "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
         "comparisons": [c for c in (verdict.compare(measured, comp) for comp in verdict.COMPARISONS) if c],
         "figures": [f for f in figure_list if f is not None],
@@ -135,6 +136,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
         "traces_dir": str(folder / TRACES_DIR),
         "summary_file": SUMMARY_FILE,
         "columns": RECORD_COLUMNS,
+        "attention": attention.section(attention_records),
     }
 
 
