@@ -203,7 +203,7 @@ def measure_case(case: Case, *, repeats: int, warmup: int, rank: int, world: int
 
     _inject_failure(rank)
     record["warmup"] = warmup = step.warmup_steps(warmup)
-    timing.warm_up(counted_step, warmup, device)
+    timing.warm_up(counted_step, warmup, device, cap=0)  # ranks must run the same steps: no early exit
     step_bytes.clear()
     cp.counter.reset()
     memory.reset_peaks(device)

@@ -24,6 +24,7 @@ RECORD_FIELDS = (
     "saved_activations", "param_bytes", "grad_bytes", "optimizer_bytes",
     "params_total", "params_trainable", "flops_per_step", "tflops", "mfu",
     "warnings", "env", "dsv", "world_size", "context_parallel", "comm_bytes",
+    "sample_rounds", "rounds", "load",
 )
 STATUSES = ("ok", "oom", "error")
 REQUIRED_TEXT = ("arch", "preset", "mode", "dtype", "device", "status")

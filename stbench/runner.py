@@ -23,7 +23,7 @@ import architectures
 from . import results
 from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
-from .measure import activations, env, flops, memory, nvml, timing
+from .measure import activations, env, flops, load, memory, nvml, timing
 from .results import RUN_FILE
 from .units import format_bytes
 
@@ -71,11 +71,15 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
     record["param_bytes"] = memory.param_bytes(model)
     record["grad_bytes"] = memory.grad_bytes(step.trainable)
 
-    record["warmup"] = warmup = step.warmup_steps(warmup)
-    timing.warm_up(step, warmup, device)
+    before = load.snapshot(device)
+    record["warmup"], settled = timing.warm_up(step, step.warmup_steps(warmup), device)
+    if not settled:
+        warnings.append(f"warm-up: step times had not settled after {record['warmup']} steps (the cap)")
     memory.reset_peaks(device)
     with nvml.NvmlSampler(device) as sampler:
         times = time_steps(step, repeats, device)
+    record["load"] = load.load_fields(before, load.snapshot(device))
+    warnings.extend(load.load_warnings(record["load"]))
     record.update(times.as_record_fields())
     warnings.extend(times.warnings)
     record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)
