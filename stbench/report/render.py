@@ -13,7 +13,7 @@ from .. import results
 from ..errors import UserError
 from ..trace import SUMMARY_FILE, load_summary
 from ..units import format_bytes
-from . import figures, verdict
+from . import figures, recommend, verdict
 
 TRACES_DIR = "traces"
 REPORT_FILE = "report.html"
@@ -173,6 +173,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
                                                   r["batch"], r["dtype"], r["device"])),
         "superseded": len(all_records) - len(records),
         "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
+        "recommendations": recommend.recommend(records),
         "comparisons": [c for c in (verdict.compare(records, comp) for comp in verdict.COMPARISONS) if c],
         "figures": [f for f in figure_list if f is not None],
         "frontiers": frontiers,
