@@ -134,3 +134,15 @@ def test_run_prints_where_things_are(tmp_path, capsys):
     assert "0 case(s) measured (0 not ok), 1 skipped" in capsys.readouterr().err
     assert main(["run", "--arch", TOY_ARCH, "--rounds", "0", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip() == "stbench: error: --rounds: must be >= 1, got 0"
+
+
+def test_profiler_notices_stay_out_of_the_terminal(tmp_path, capfd):
+    from stbench.trace import PROFILER_LOG, profile_training_steps
+    from stbench.step import TrainingStep
+    from stbench.config import Case
+
+    step = TrainingStep(Case(arch=TOY_ARCH, frames=2, resolution=16))
+    profile_training_steps(step, tmp_path, device="cpu", wait=0, warmup=1, active=1)
+    assert capfd.readouterr().err == "" and (tmp_path / PROFILER_LOG).exists()
+    trace = next(tmp_path.glob("*.pt.trace.json"))
+    assert '"Input Dims"' not in trace.read_text()  # shapes and memory events are opt-in
