@@ -30,7 +30,7 @@ def test_cheapest_at_equal_quality_with_ties_and_slower_ones():
     [rec] = recommend.recommend(records)
     assert rec.family == "unet" and [o.arch for o in rec.options][0] == "serial-unet"  # ladder: lower quality
     assert rec.text[0].startswith("UNET: train serial-unet: the cheapest at equal quality")
-    assert "mobius-unet cannot be told apart from it" in rec.text[1]
+    assert rec.text[1].startswith("Cannot be told apart") and "mobius-unet (median ratio 1.0" in rec.text[1]
     assert "modelscope-unet 1.50x" in rec.text[2]
     ladder = next(o for o in rec.options if o.arch == "mobius-ladder-unet")
     assert not ladder.same_quality and ladder.loss == 0.5
@@ -76,3 +76,19 @@ def test_report_shows_the_recommendation_first(tmp_path):
     for option in (o for rec in recs for o in rec.options):
         assert f"{option.record['flops_per_step']:,}" in html  # exact FLOPs per step
     assert "UNETs, " in html and "DITs, " in html  # figures grouped by family: never one axis
+
+
+def test_forced_sparsity_flagged_in_comparisons_and_profiler_overhead_disclosed(tmp_path):
+    from stbench.report import verdict
+
+    assert verdict.dsv_note({"dsv": {"forced": True, "sparse_head_fraction": 0.5}}).startswith("sparsity FORCED")
+    assert verdict.dsv_note({"dsv": None, "overrides": {"sparsity": 0.9}}).startswith("sparsity FORCED")
+    assert verdict.dsv_note({"dsv": {"sparse_head_fraction": 0.5}}) == "sparse heads 50.0%"
+    run = fake_run.write_fake_run(tmp_path / "run", seed=0, torn=True)
+    import json
+    summary = next((run / "traces").glob("*/summary.json"))
+    data = json.loads(summary.read_text())
+    data["step_ms"] = [s * 1.5 for s in data["step_ms"]]
+    summary.write_text(json.dumps(data))
+    assert main([str(run)]) == 0
+    assert "profiler overhead: traced steps +50%" in (run / "report.html").read_text()

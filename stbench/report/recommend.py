@@ -14,10 +14,10 @@ import architectures
 
 from .. import stats
 from ..measure import load
-from .verdict import config_label, match_key
+from .verdict import config_label, forced_sparsity, match_key
 
 QUALITY_TOLERANCE = 0.05  # final losses within 5% of the best count as equal quality
-OVERHEAD_EXPONENT = 0.5  # time grows slower than FLOPs**0.5 across the grid: overhead dominates
+OVERHEAD_EXPONENT = 0.25  # time grows slower than FLOPs**0.25 across the grid: overhead dominates
 OVERHEAD_LABEL = "overhead bound: architecture differences are not visible at this size"
 STEPS = 1000
 
@@ -39,13 +39,6 @@ def final_loss(record: dict) -> float | None:
         return float(evals[-1][1])
     losses = train.get("losses") or []
     return float(losses[-1]) if losses else None
-
-
-def forced_sparsity(record: dict) -> bool:
-    """DSV sparsity set by hand (`--set sparsity=...`) rather than learned: never shown as a measurement."""
-    dsv = record.get("dsv")
-    return bool(isinstance(dsv, dict) and dsv.get("forced")) or any(
-        "sparsity" in str(k) for k in (record.get("overrides") or {}))
 
 
 def overhead_bound(records: list[dict]) -> dict[str, float]:
@@ -155,8 +148,10 @@ def _sentences(family: str, options: list[Option], trained: bool, bound: dict[st
     text = [f"{family.upper()}: train {best.arch}: the cheapest {quality}, "
             f"{best.record['step_ms_median']:.1f} ms per step on {device}."]
     if ties:
-        text.append(f"{', '.join(ties)} cannot be told apart from it in step time (stbench.stats, as the gate "
-                    f"judges): treat them as equally cheap.")
+        text.append("Cannot be told apart from it in step time at this run's noise (stbench.stats, as the gate "
+                    "judges): " + ", ".join(f"{o.arch} (median ratio {o.versus_best.ratio:.2f}x, "
+                                            f"{o.versus_best.verdict})" for o in options[1:] if o.arch in ties)
+                    + "; treat them as equally cheap, or measure with more --rounds.")
     slower = [o for o in options[1:] if o.versus_best and o.versus_best.verdict == stats.SLOWER]
     if slower:
         text.append("Measurably slower: " + ", ".join(f"{o.arch} {o.versus_best.ratio:.2f}x" for o in slower) + ".")

@@ -179,17 +179,26 @@ def compare(records: list[dict], comparison: Comparison) -> ComparisonResult | N
     return result
 
 
+def forced_sparsity(record: dict) -> bool:
+    """DSV sparsity set by hand (`--set sparsity=...`) rather than learned: never shown as a measurement."""
+    dsv = record.get("dsv")
+    return bool(isinstance(dsv, dict) and dsv.get("forced")) or any(
+        "sparsity" in str(k) for k in (record.get("overrides") or {}))
+
+
 def dsv_note(record: dict) -> str:
     """DSV's own figures when the record has them: how sparse it ran and how well the estimator did."""
     dsv = record.get("dsv")
     if not isinstance(dsv, dict):
-        return ""
+        return "sparsity FORCED (--set), not learned" if forced_sparsity(record) else ""
     parts = []
     for key, label, scale, unit in (("sparse_head_fraction", "sparse heads", 100, "%"),
                                     ("estimator_recall", "estimator recall", 100, "%"),
                                     ("rel_error", "rel. error", 1, "")):
         if isinstance(dsv.get(key), (int, float)):
             parts.append(f"{label} {dsv[key] * scale:.{1 if unit else 3}f}{unit}")
+    if forced_sparsity(record):
+        parts.insert(0, "sparsity FORCED (--set), not learned")
     return ", ".join(parts)
 
 
