@@ -204,8 +204,9 @@ def _compare_time(slug, base, cur, tol, alpha, warnings) -> Row | None:
         row.verdict = NOISE
     loaded = [side for side, r in (("baseline", base), ("current", cur)) if load.was_loaded(r)]
     if loaded:
-        warnings.append(f"{slug}: the {' and '.join(loaded)} case was measured under load from other processes "
-                        f"(see its warnings); its step-time comparison may reflect the machine, not the code")
+        which = "both cases were" if len(loaded) == 2 else f"the {loaded[0]} case was"
+        warnings.append(f"{slug}: {which} measured under load from other processes (see the record's "
+                        f"warnings); this step-time comparison may reflect the machine, not the code")
     return row
 
 
