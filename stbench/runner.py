@@ -31,6 +31,7 @@ COMPILE_WARMUP = 3  # compilation (and recompilation on the second call) must fi
 ERROR_TAIL_LINES = 25
 ERROR_TAIL_CHARS = 4000
 INTERRUPTED = 130  # exit code of a child stopped by Ctrl-C
+TRACE_STEPS = 1  # profiled steps per case: one serial-unet tiny 64px step is ~4.6 MB of trace, three were 13.8 MB
 
 
 # --- one case -------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def _measure(case: Case, record: dict, repeats: int, warmup: int, trace_dir: Pat
             warnings.append(f"trace: not written (stbench.trace unavailable: {e})")
         else:
             folder = Path(trace_dir) / results.case_slug(record)
-            if _optional(record, "trace", lambda: profile_training_steps(step, folder, device=case.device)):
+            if _optional(record, "trace", lambda: profile_training_steps(step, folder, device=case.device,
+                                                                               active=TRACE_STEPS)):
                 record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
 
     # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.
