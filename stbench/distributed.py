@@ -189,7 +189,8 @@ def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
         by_kind.clear()
         cp.counter.reset()
 
-    sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare, after_warmup=after_warmup)
+    sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare, after_warmup=after_warmup,
+                          settle=False)
     # only the timed steps: the extra eager passes after timing (stats, activations, FLOPs) send bytes too
     record["comm_bytes"] = sorted(step_bytes)[len(step_bytes) // 2]
     record["comm_bytes_by_kind"] = {k: v // repeats for k, v in by_kind.items()}

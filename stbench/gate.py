@@ -2,21 +2,21 @@
 
 Inputs are stbench results (a run folder or a .jsonl file) or pytest-benchmark JSON (`--benchmark-json`),
 whose raw samples replace the record's timing and whose `extra_info` carries the stbench record.
-A time regression must be both larger than the tolerance and significant (one-sided Mann-Whitney U on
-the raw step samples); memory figures are deterministic enough to be compared against a tolerance alone.
+A time regression must be both larger than the tolerance and significant (stbench.stats.compare_times, the
+same judgement the report makes); memory figures are deterministic enough to be compared against a tolerance alone.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import results
+from . import results, stats
 from .errors import UserError
+from .measure import load
 from .units import format_bytes
 
 MEMORY_METRICS = ("peak_allocated", "peak_reserved", "nvml_peak_process", "nvml_peak_device", "saved_activations")
@@ -124,45 +124,6 @@ def record_slug(record: dict) -> str:
     return str(record.get("_name")).rsplit("::", 1)[-1]
 
 
-# --- statistics -------------------------------------------------------------------------------
-
-def mann_whitney_greater(current: list[float], baseline: list[float]) -> float:
-    """One-sided p-value that `current` tends to be larger than `baseline` (Mann-Whitney U).
-
-    Normal approximation with tie correction and continuity correction; without scipy.
-    """
-    n1, n2 = len(current), len(baseline)
-    if n1 == 0 or n2 == 0:
-        return 1.0
-    pooled = sorted([(v, 0) for v in current] + [(v, 1) for v in baseline])
-    ranks = [0.0] * len(pooled)
-    tie_term = 0.0
-    i = 0
-    while i < len(pooled):
-        j = i
-        while j + 1 < len(pooled) and pooled[j + 1][0] == pooled[i][0]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[k] = (i + j) / 2 + 1  # average rank of a tie group
-        t = j - i + 1
-        tie_term += t ** 3 - t
-        i = j + 1
-    rank_sum_current = sum(r for r, (_, side) in zip(ranks, pooled) if side == 0)
-    u = rank_sum_current - n1 * (n1 + 1) / 2
-    n = n1 + n2
-    mean = n1 * n2 / 2
-    var = n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1)))
-    if var <= 0:  # every value equal: no evidence either way
-        return 1.0
-    z = (u - mean - 0.5) / math.sqrt(var)
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-def can_be_significant(n1: int, n2: int, alpha: float) -> bool:
-    """Whether any ordering of n1 + n2 samples reaches p < alpha: the most extreme one has p = 1 / C(n, n1)."""
-    return n1 > 0 and n2 > 0 and 1 / math.comb(n1 + n2, n1) < alpha
-
-
 # --- comparison -------------------------------------------------------------------------------
 
 @dataclass
@@ -224,25 +185,27 @@ def _median_ms(record: dict) -> float | None:
 
 
 def _compare_time(slug, base, cur, tol, alpha, warnings) -> Row | None:
-    b_med, c_med = _median_ms(base), _median_ms(cur)
-    if b_med is None or c_med is None or b_med <= 0:
+    judged = stats.compare_times(cur, base, tolerance=tol, alpha=alpha)
+    if judged is None or judged.ratio <= 0:
         return None
-    row = Row(slug, "step_ms", b_med, c_med, delta=c_med / b_med - 1)
-    b, c = _samples(base), _samples(cur)
-    if not can_be_significant(len(c), len(b), alpha):
-        if abs(row.delta) > tol:
-            row.verdict = UNSURE
-            warnings.append(f"{slug}: step time changed {row.delta:+.1%} but {len(b)} baseline and {len(c)} "
-                            f"current samples cannot reach p < {alpha}; not judged (use more --repeats)")
-        return row
-    if row.delta > 0:
-        row.p_value = mann_whitney_greater(c, b)
-        if row.delta > tol:
-            row.verdict = REGRESSION if row.p_value < alpha else NOISE
-    else:
-        row.p_value = mann_whitney_greater(b, c)
-        if -row.delta > tol and row.p_value < alpha:
-            row.verdict = IMPROVED
+    b_med, c_med = _median_ms(base), _median_ms(cur)
+    row = Row(slug, "step_ms", b_med, c_med, delta=judged.delta, p_value=judged.p_value)
+    if judged.verdict == stats.UNSURE:
+        row.verdict = UNSURE
+        warnings.append(f"{slug}: step time changed {row.delta:+.1%} but {judged.n_baseline} baseline and "
+                        f"{judged.n_current} current samples cannot reach p < {alpha}; not judged "
+                        f"(use more --repeats or --rounds)")
+    elif judged.verdict == stats.SLOWER:
+        row.verdict = REGRESSION
+    elif judged.verdict == stats.FASTER:
+        row.verdict = IMPROVED
+    elif row.delta > tol:
+        row.verdict = NOISE
+    loaded = [side for side, r in (("baseline", base), ("current", cur)) if load.was_loaded(r)]
+    if loaded:
+        which = "both cases were" if len(loaded) == 2 else f"the {loaded[0]} case was"
+        warnings.append(f"{slug}: {which} measured under load from other processes (see the record's "
+                        f"warnings); this step-time comparison may reflect the machine, not the code")
     return row
 
 

@@ -264,6 +264,14 @@ def plan(records: list[dict], *, gpus: int, link_gbps: float, arch: str | None =
     return plans
 
 
+NOT_RUNNABLE = "estimate only: stbench cannot run this layout (run --context-parallel takes ulysses or ring)"
+
+
+def runnable(layout: str) -> bool:
+    """Whether `stbench run --context-parallel` can measure a layout: one kind of parallelism, or none."""
+    return not layout.startswith("hybrid")
+
+
 def _mb(n) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
@@ -274,18 +282,24 @@ def render(plans: list[dict], gpus: int, link_gbps: float) -> str:
         rec = p["record"]
         lines.append("")
         measured_at = f" at {p['shape'].tokens} tokens" if p["tokens"] != p["shape"].tokens else ""
+        on_cpu = not str(rec.get("device") or "").startswith("cuda")
+        source = "measured on CPU (every figure below is extrapolated from a CPU run, not a GPU figure)" \
+            if on_cpu else "measured on 1 GPU"
         lines.append(f"{rec['arch']} {rec['preset']} r{rec['resolution']} f{rec['frames']} b{rec['batch']} "
-                     f"{rec['dtype']} {rec['mode']}: {p['tokens']} tokens, measured 1 GPU "
+                     f"{rec['dtype']} {rec['mode']}: {p['tokens']} tokens, {source}: "
                      f"{rec['step_ms_median']:.1f} ms/step{measured_at}")
         lines.append(f"  {'layout':34s} {'step ms':>10s} {'speedup':>8s} {'comm/rank/step':>15s} "
                      f"{'attn imbalance':>15s}")
         single = p["single_gpu_ms"]
         for est in sorted(p["estimates"], key=lambda e: e.step_ms):
-            mark = "*" if est is p["best"] else " "
-            lines.append(f"{mark} {est.layout:34s} {est.step_ms:10.2f} {single / est.step_ms:7.2f}x "
+            notes = list(est.notes) + ([] if runnable(est.layout) else [NOT_RUNNABLE])
+            layout = est.layout.replace("single GPU", "single CPU process") if on_cpu else est.layout
+            lines.append(f"  {layout:34s} {est.step_ms:10.2f} {single / est.step_ms:7.2f}x "
                          f"{_mb(est.comm_bytes):>15s} {est.attention_imbalance:14.2f}x"
-                         + (f"  ({'; '.join(est.notes)})" if est.notes else ""))
-        lines.append(f"  best: {p['best'].layout} (1 GPU at this length: {single:.1f} ms/step)")
+                         + (f"  ({'; '.join(notes)})" if notes else ""))
+        one = "one CPU process, extrapolated" if on_cpu else "1 GPU"
+        lines.append(f"  best: {p['best'].layout} ({one} at this length: {single:.1f} ms/step)"
+                     + ("" if runnable(p["best"].layout) else f"; {NOT_RUNNABLE}"))
         for m in p["measured"]:
             ratio = m["estimated_step_ms"] / m["measured_step_ms"]
             lines.append(f"  measured {m['layout']} on {m['world_size']}: {m['measured_step_ms']:.2f} ms vs estimated "

@@ -56,6 +56,7 @@ class Record:
     warmup: typing.Optional[int] = None
     rounds: typing.Optional[int] = None  # --rounds: interleaved rounds the samples were pooled from
     sample_rounds: typing.Optional[list] = None  # the round of each sample
+    load: typing.Optional[dict] = None  # the machine's load around the measured steps (the most contended round)
     # memory (bytes)
     peak_allocated: typing.Optional[int] = None
     peak_reserved: typing.Optional[int] = None

@@ -179,7 +179,7 @@ def _figures(record: dict) -> str:
 
 
 def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = False, trace: bool = False,
-              progress: bool = True, command: str | None = None) -> list[dict]:
+              progress: bool = True, command: str | None = None, rounds: int = 1, seed: int = 0) -> list[dict]:
     """Run every case of `sweep` not yet in `out/results.jsonl`; each record is appended as it finishes.
 
     Returns the records measured by this call (not those skipped on resume).
@@ -195,6 +195,12 @@ def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = 
     measure = run_case_isolated if isolate else run_case
     trace_dir = out / runfolder.TRACES_DIR if trace else None
     measured = []
+    if rounds > 1:
+        from .rounds import run_sweep_rounds
+
+        return run_sweep_rounds(todo, rounds, seed, path, lambda case, last: measure(
+            case, repeats=sweep.repeats, warmup=sweep.warmup, trace_dir=trace_dir if last else None),
+            progress=progress, label=_figures)
     with tqdm(total=len(sweep.cases), initial=len(sweep.cases) - len(todo), disable=not progress,
               unit="case", dynamic_ncols=True, file=sys.stderr) as bar:
         for case in todo:
@@ -250,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default=None,
                         help="sequence parallelism across torchrun processes (dit-* architectures)")
     parser.add_argument("--no-progress", action="store_true", help="one line per case instead of a progress bar")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every case --repeats steps per "
+                        "round, in a shuffled order, samples pooled (default 1)")
+    parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the --rounds order (default 0)")
 
 
 def sweep_from_args(args: argparse.Namespace) -> Sweep:
@@ -269,6 +278,8 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 
 def execute(args: argparse.Namespace) -> int:
     sweep = sweep_from_args(args)
+    if args.rounds < 1:
+        raise UserError(f"--rounds: must be >= 1, got {args.rounds}")
     out = Path(args.out or f"runs/run-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit():
@@ -276,6 +287,8 @@ def execute(args: argparse.Namespace) -> int:
     if int(world) > 1:
         from .distributed import run_sweep_distributed
 
+        if args.rounds > 1:
+            raise UserError("--rounds: not supported with torchrun (context-parallel) runs; use --repeats")
         return run_sweep_distributed(sweep, out, args)
     if sweep.context_parallel is not None:  # one process would measure a plain step under a parallel name
         raise UserError("--context-parallel: needs several processes; launch with "
@@ -283,10 +296,11 @@ def execute(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
     records = run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, trace=args.trace,
-                        progress=not args.no_progress, command=command)
-    failed = sum(r["status"] != "ok" for r in records)
-    print(f"stbench: {len(records)} case(s) measured ({failed} not ok) -> {out / runfolder.RESULTS_FILE}",
-          file=sys.stderr)
+                        progress=not args.no_progress, command=command, rounds=args.rounds, seed=args.shuffle_seed)
+    from .closing import closing_lines
+
+    for line in closing_lines(records, len(sweep.cases) - len(records), out, trace=args.trace):
+        print(line, file=sys.stderr)
     return 0
 
 

@@ -18,14 +18,18 @@ All times are milliseconds per step: totals over the `active` profiled steps div
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
+import os
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 SUMMARY_FILE = "summary.json"
+PROFILER_LOG = "profiler.log"  # the profiler's own stderr notices, kept out of the terminal
 SUMMARY_SCHEMA = 1
 # Regions partitioned by the exclusive (`*_self_ms`) columns; other annotations are listed inclusive only.
 REGIONS = ("forward", "backward", "spatial", "temporal", "attention", "optimizer")
@@ -43,8 +47,13 @@ TIME_BASIS = ("range_ms: CPU wall of the record_function ranges (outermost occur
 
 
 def profile_training_steps(step_fn: Callable[[], Any], out_dir: Path, *, device: str, wait: int = 1,
-                           warmup: int = 1, active: int = 3, with_stack: bool = False) -> dict:
-    """Profile `wait + warmup + active` calls of `step_fn`; write the trace and summary.json; return the summary."""
+                           warmup: int = 1, active: int = 3, with_stack: bool = False,
+                           profile_memory: bool = False) -> dict:
+    """Profile `wait + warmup + active` calls of `step_fn`; write the trace and summary.json; return the summary.
+
+    Memory events and shapes are opt-in (`profile_memory`): they multiply the trace's size. The profiler's own
+    stderr lines (USDT, CPUAllocator notices) go to PROFILER_LOG in `out_dir`, not the user's terminal.
+    """
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
@@ -55,9 +64,10 @@ def profile_training_steps(step_fn: Callable[[], Any], out_dir: Path, *, device:
     on_cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     before = set(out_dir.glob("*.pt.trace.json"))
-    with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
-                 on_trace_ready=tensorboard_trace_handler(str(out_dir)), profile_memory=True,
-                 record_shapes=True, with_stack=with_stack) as prof:
+    with _stderr_to(out_dir / PROFILER_LOG), profile(
+            activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(out_dir)), profile_memory=profile_memory,
+            record_shapes=profile_memory, with_stack=with_stack) as prof:
         for _ in range(wait + warmup + active):
             step_fn()
             if on_cuda:
@@ -73,6 +83,21 @@ def profile_training_steps(step_fn: Callable[[], Any], out_dir: Path, *, device:
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(out_dir / SUMMARY_FILE)
     return summary
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 to `path`: kineto writes its notices from C++, past sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class _Span:

@@ -237,13 +237,18 @@ def test_markdown_is_written(tmp_path, capsys):
         "peak_allocated | 1000.00 MiB | 1.07 GiB | +10.0% | - | :x: regression |" in text
 
 
-def test_mann_whitney_matches_hand_computation():
-    # current = [6..10] all above baseline [1..5]: U = 25, mean 12.5, var 25*11/12 -> z = 12/4.787
-    assert gate.mann_whitney_greater([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(0.006093, abs=1e-6)
-    # ties: ranks 1, 3.5, 3.5, 7 for current -> U = 5, tie-corrected variance 10
-    assert gate.mann_whitney_greater([1, 2, 2, 3], [2, 2, 3, 3]) == pytest.approx(0.8658, abs=1e-4)
-    assert gate.mann_whitney_greater([1, 1], [1, 1]) == 1.0
-    assert not gate.can_be_significant(2, 2, 0.05) and gate.can_be_significant(5, 5, 0.05)
+def test_one_sided_tests_of_stats():
+    from stbench import stats
+
+    # current [6..10] all above baseline [1..5]: the exact Mann-Whitney p is 1 / C(10, 5)
+    assert stats.p_greater([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(1 / 252)
+    assert stats.p_greater([1, 1], [1, 1]) == 1.0
+    # paired: 9 pairs all slower -> Wilcoxon's exact p is 2**-9
+    assert stats.p_greater([2] * 9, list(range(1, 10)), is_paired=True) > 0.05
+    assert stats.p_greater([11 + i for i in range(9)], [10 + i for i in range(9)], is_paired=True) == \
+        pytest.approx(2 ** -9)
+    assert stats.min_p_value(2, 2, False) >= 0.05 and stats.min_p_value(5, 5, False) < 0.05
+    assert stats.min_p_value(3, 3, True) >= 0.05 and stats.min_p_value(9, 9, True) < 0.05
 
 
 def test_baseline_folder_is_named_after_the_gpu():

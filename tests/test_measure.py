@@ -20,12 +20,13 @@ class FakeClock:
         return self.readings.pop(0)
 
 
-def test_percentile_interpolates_like_numpy():
-    values = [float(v) for v in range(1, 11)]
-    assert timing.percentile(values, 50) == 5.5
-    assert timing.percentile(values, 10) == pytest.approx(1.9)
-    assert timing.percentile(values, 90) == pytest.approx(9.1)
-    assert timing.percentile([3.0], 90) == 3.0
+def test_summary_interpolates_like_numpy():
+    from stbench import stats
+
+    figures = stats.summary([float(v) for v in range(1, 11)])
+    assert figures["median"] == 5.5 and figures["min"] == 1.0
+    assert figures["p10"] == pytest.approx(1.9) and figures["p90"] == pytest.approx(9.1)
+    assert stats.summary([3.0])["p90"] == 3.0
 
 
 def test_time_steps_with_fake_clock_keeps_raw_samples_and_statistics():
@@ -51,10 +52,17 @@ def test_stable_samples_have_no_warning_and_few_samples_are_flagged():
     assert len(few.warnings) == 1 and few.warnings[0].startswith("few samples")
 
 
-def test_warm_up_runs_its_steps_apart_from_timing():
+def test_warm_up_runs_until_step_times_settle_with_a_cap():
     calls = []
-    timing.warm_up(lambda: calls.append("w"), 3)
-    assert calls == ["w"] * 3
+    # steps of 50, 30, 10, 10, 10 ms: the first three differ, steps 3-5 agree -> 5 warm-up steps
+    clock = FakeClock([0, 0.050, 1, 1.030, 2, 2.010, 3, 3.010, 4, 4.010])
+    assert timing.warm_up(lambda: calls.append("w"), 2, clock=clock) == (5, True)
+    assert calls == ["w"] * 5
+    # never settling: stops at the cap, and says so
+    wild = FakeClock([x for i in range(10) for x in (i, i + 0.01 * (1 + i % 2 * 3))])
+    assert timing.warm_up(lambda: None, 2, cap=10, clock=wild) == (10, False)
+    # cap=0: exactly the requested steps (distributed ranks)
+    assert timing.warm_up(lambda: None, 2, cap=0, clock=FakeClock([0, 1, 2, 3]))[0] == 2
     with pytest.raises(ValueError):
         timing.time_steps(lambda: None, 0)
 

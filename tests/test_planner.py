@@ -130,3 +130,12 @@ def test_bad_files_and_profiles_are_user_errors(tmp_path, capsys):
         planner.plan([_record(dsv={"head_sparsity": [[0.5]]})], gpus=2, link_gbps=1)
     with pytest.raises(UserError, match=r"expected a number in \[0, 1\)"):
         planner.plan([_record(dsv={"layer_sparsity": [1.5, 0.0], "sparse_head_fraction": 0.5})], gpus=2, link_gbps=1)
+
+
+def test_cpu_figures_are_labelled_extrapolated_and_hybrids_not_runnable(tmp_path, capsys):
+    path = _write(tmp_path, [_record(device="cpu")])
+    assert main(["plan", "--results", str(path), "--gpus", "4", "--link-gbps", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "extrapolated from a CPU run, not a GPU figure" in out and "1 GPU" not in out
+    hybrid = next(line for line in out.splitlines() if line.strip().startswith("hybrid"))
+    assert planner.NOT_RUNNABLE in hybrid and not any(l.startswith("*") for l in out.splitlines())

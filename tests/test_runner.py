@@ -12,7 +12,7 @@ from conftest import TOY_ARCH, ToyVideoModel
 from stbench import results, runfolder, runner
 from stbench.config import Sweep
 from stbench.errors import UserError
-from stbench.measure import memory
+from stbench.measure import memory, timing
 
 
 def _sweep(**fields) -> Sweep:
@@ -23,7 +23,8 @@ def test_run_case_fills_every_field(toy_case):
     record = runner.run_case(toy_case(), repeats=4, warmup=2)
     assert set(results.RECORD_FIELDS) <= set(record)
     assert record["status"] == "ok" and record["error"] is None
-    assert len(record["step_ms_samples"]) == 4 and record["warmup"] == 2
+    assert len(record["step_ms_samples"]) == 4 and 3 <= record["warmup"] <= timing.WARMUP_CAP
+    assert record["load"]["cores"] >= 1 and record["load"]["own_cores"] >= 0
     assert record["step_ms_min"] <= record["step_ms_p10"] <= record["step_ms_median"] <= record["step_ms_p90"]
     for name in ("saved_activations", "param_bytes", "grad_bytes", "optimizer_bytes", "params_total",
                  "params_trainable", "flops_per_step"):

@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 
-from . import activations, flops, host, memory, nvml, timing
+from . import activations, flops, host, load, memory, nvml, timing
+
+TRACE_STEPS = 1  # profiled steps per case: one serial-unet tiny 64px step is ~4.6 MB of trace, three were 13.8 MB
 
 
 def soft(record: dict, what: str, fn):
@@ -36,12 +38,14 @@ def _cuda_context(device: torch.device, record: dict) -> None:
 
 
 def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=timing.time_steps,
-                 trace_dir: Path | None = None, prepare: Callable | None = None, after_warmup: Callable | None = None):
+                 trace_dir: Path | None = None, prepare: Callable | None = None, after_warmup: Callable | None = None,
+                 settle: bool = True):
     """Fill `record` with the measurements of `case`; returns the TrainingStep.
 
     `prepare(step) -> callable`: what is warmed up and timed instead of the bare step (torchrun wraps it to count
     the bytes it sends); `after_warmup()` runs between warm-up and the measured steps. `time_steps(fn, repeats,
-    device) -> StepTimes` runs the measured steps (the suites pass pytest-benchmark's).
+    device) -> StepTimes` runs the measured steps (the suites pass pytest-benchmark's). `settle`: warm up until
+    step times settle (with a cap); False runs exactly the model's warm-up steps.
     """
     from ..step import TrainingStep  # noqa: local so `--help` stays fast
 
@@ -59,8 +63,12 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     record["param_bytes"] = memory.param_bytes(model)
     record["grad_bytes"] = memory.grad_bytes(step.trainable)
 
-    record["warmup"] = step.warmup_steps(warmup)
-    timing.warm_up(timed, record["warmup"], device)
+    before = load.snapshot(device)
+    # torchrun ranks must run the same number of steps: no early end of warm-up there (settle=False)
+    record["warmup"], settled = timing.warm_up(timed, step.warmup_steps(warmup), device,
+                                               **({} if settle else {"cap": 0}))
+    if settle and not settled:
+        warnings.append(f"warm-up: step times had not settled after {record['warmup']} steps (the cap)")
     if after_warmup is not None:
         after_warmup()
     memory.reset_peaks(device)
@@ -68,6 +76,8 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     with nvml.NvmlSampler(device) as sampler:
         times = time_steps(timed, repeats, device)
     record["host_peak_bytes"] = host.peak_growth(host_baseline, host_reset)
+    record["load"] = load.load_fields(before, load.snapshot(device))
+    warnings.extend(load.load_warnings(record["load"]))
     record.update(times.as_record_fields())
     warnings.extend(times.warnings)
     record["peak_allocated"], record["peak_reserved"] = memory.allocator_peaks(device)
@@ -87,7 +97,8 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
         from ..trace import profile_training_steps
 
         folder = Path(trace_dir) / case_slug(record)
-        if soft(record, "trace", lambda: profile_training_steps(step, folder, device=case.device)):
+        if soft(record, "trace", lambda: profile_training_steps(step, folder, device=case.device,
+                                                                active=TRACE_STEPS)):
             record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
 
     # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.

@@ -7,18 +7,13 @@ from typing import Callable
 
 import torch
 
+from .. import stats
+
 MIN_STABLE_SAMPLES = 5
 MAX_STABLE_SPREAD = 0.10  # (p90 - p10) / median above this is flagged
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+SETTLE_WINDOW = 3  # warm-up ends when this many consecutive steps agree ...
+SETTLE_SPREAD = 0.10  # ... within this fraction of their median ((max - min) / median)
+WARMUP_CAP = 10  # ... or after this many steps (or the requested minimum, if larger)
 
 
 @dataclass
@@ -29,11 +24,8 @@ class StepTimes:
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        ordered = sorted(self.samples_ms)
-        self.median_ms = percentile(ordered, 50)
-        self.min_ms = ordered[0]
-        self.p10_ms = percentile(ordered, 10)
-        self.p90_ms = percentile(ordered, 90)
+        figures = stats.summary(self.samples_ms)
+        self.median_ms, self.min_ms, self.p10_ms, self.p90_ms = (figures[k] for k in ("median", "min", "p10", "p90"))
         self.warnings = self.warnings + stability_warnings(self)
 
     @property
@@ -63,11 +55,32 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up(step: Callable[[], object], steps: int, device: str | torch.device = "cpu") -> None:
-    """Unmeasured steps: allocator growth, autotuning, compilation and lazy init happen here."""
-    for _ in range(steps):
+def warm_up(step: Callable[[], object], steps: int, device: str | torch.device = "cpu", *,
+            cap: int = WARMUP_CAP, clock: Callable[[], float] | None = None) -> tuple[int, bool]:
+    """Unmeasured steps until step times settle (as pyperf calibrates warm-up): allocator growth, autotuning,
+    compilation and lazy init happen here.
+
+    At least `steps`, then until the last SETTLE_WINDOW steps agree within SETTLE_SPREAD, at most
+    max(steps, cap); cap=0 runs exactly `steps` (distributed ranks must agree on the count).
+    Returns (steps taken, whether the last steps settled).
+    """
+    clock = clock or time.perf_counter
+    times: list[float] = []
+    limit = max(steps, cap)
+    while len(times) < limit:
+        synchronize(device)
+        t0 = clock()
         step()
-    synchronize(device)
+        synchronize(device)
+        times.append(clock() - t0)
+        if len(times) >= max(steps, SETTLE_WINDOW) and _settled(times[-SETTLE_WINDOW:]):
+            return len(times), True
+    return len(times), len(times) >= SETTLE_WINDOW and _settled(times[-SETTLE_WINDOW:])
+
+
+def _settled(window: list[float]) -> bool:
+    median = stats.summary(window)["median"]
+    return median > 0 and (max(window) - min(window)) / median <= SETTLE_SPREAD
 
 
 def time_steps(step: Callable[[], object], repeats: int, device: str | torch.device = "cpu", *,

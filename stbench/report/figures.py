@@ -16,6 +16,7 @@ from .. import results  # noqa: E402
 from .verdict import config_label, settings_label  # noqa: E402
 
 MIB = 2**20
+LOG_SPAN = 10  # values spanning a decade or more get a log axis
 MAX_GROUPS = 2
 MAX_PANELS = 3
 MAX_TRACED_BARS = 24
@@ -61,11 +62,13 @@ def arch_colors(archs) -> dict[str, str]:
 
 def groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Records split by the settings a figure holds fixed (preset, mode, dtype, device), biggest first."""
+    from .recommend import family_of
+
     by_group = defaultdict(list)
-    for r in records:
-        by_group[tuple(str(r.get(f)) for f in results.GROUP_FIELDS)].append(r)
+    for r in records:  # UNets and DiTs differ by decades: never on one axis
+        by_group[(family_of(r["arch"]),) + tuple(str(r.get(f)) for f in results.GROUP_FIELDS)].append(r)
     ordered = sorted(by_group.values(), key=len, reverse=True)[:MAX_GROUPS]
-    return [(settings_label(rs[0]), rs) for rs in ordered]
+    return [(f"{family_of(rs[0]['arch']).upper()}s, {settings_label(rs[0])}", rs) for rs in ordered]
 
 
 def memory_field(records: list[dict]) -> tuple[str, str]:
@@ -117,6 +120,11 @@ def scaling_figure(records: list[dict], label: str, x_field: str, panel_field: s
         axes[1][col].set_xlabel(x_field)
         for ax in axes[:, col]:
             ax.set_xticks(sorted({r[x_field] for r in ok}))
+    for row, values in ((0, [r["step_ms_median"] for r in ok]), (1, [r.get(mem_field) for r in ok])):
+        values = [v for v in values if v]
+        if values and max(values) / min(values) >= LOG_SPAN:
+            for ax in axes[row]:
+                ax.set_yscale("log")
     axes[0][0].set_ylabel("step time, median (ms)")
     axes[1][0].set_ylabel(f"{mem_label} ({unit_name})")
     handles, labels = axes[0][0].get_legend_handles_labels()

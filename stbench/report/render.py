@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..runfolder import REPORT_FILE, TRACES_DIR, find_traces, read_run_info, run_folder
 from ..trace import SUMMARY_FILE
 from ..units import format_bytes
-from . import attention, figures, predicted, verdict
+from . import attention, figures, predicted, recommend, verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
 ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
@@ -125,6 +125,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
                                                   r["batch"], r["dtype"], r["device"])),
         "superseded": len(frame) - frame["case_key"].nunique(),
         "statuses": {s: statuses.get(s, 0) for s in results.STATUSES},
+        "recommendations": recommend.recommend(records),
         "comparisons": [c for c in (verdict.compare(measured, comp) for comp in verdict.COMPARISONS) if c],
         "figures": [f for f in figure_list if f is not None],
         "frontiers": frontiers,

@@ -5,10 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import results
+from .. import results, stats
+from ..measure import load
 
-BOOTSTRAP_RESAMPLES = 2000
-MIN_BOOTSTRAP_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -64,41 +63,47 @@ def saved_pct(reference: float | None, candidate: float | None) -> float | None:
     return 100.0 * (1.0 - candidate / reference)
 
 
-def _samples(record: dict) -> list[float]:
-    return [float(s) for s in (record.get("step_ms_samples") or []) if isinstance(s, (int, float)) and s > 0]
-
-
 @dataclass
 class Ratio:
-    """A ratio of median step times with an interval: bootstrap 95% where both have samples, else p10-p90."""
+    """A ratio of median step times with its interval and the verdict of stbench.stats (the gate's judgement)."""
 
     value: float
     low: float | None = None
     high: float | None = None
     basis: str = ""
+    verdict: str = stats.SAME
+    test: str = ""
+    p_value: float | None = None
 
     @property
     def significant(self) -> bool:
-        return self.low is not None and self.high is not None and (self.low > 1.0 or self.high < 1.0)
+        return self.verdict in (stats.SLOWER, stats.FASTER)
 
 
-def time_ratio(numerator: dict, denominator: dict, seed: int = 0) -> Ratio | None:
-    """median(numerator) / median(denominator) of step time; > 1 means the denominator's case is faster."""
-    num, den = numerator.get("step_ms_median"), denominator.get("step_ms_median")
-    if not num or not den:
+def time_ratio(numerator: dict, denominator: dict, *, same_run: bool = True, seed: int = 0) -> Ratio | None:
+    """median(numerator) / median(denominator) of step time; > 1 means the denominator's case is faster.
+
+    Judged by stbench.stats.compare_times, as the gate judges it; `same_run` pairs samples by round.
+    """
+    judged = stats.compare_times(numerator, denominator, same_run=same_run, seed=seed)
+    if judged is None:
         return None
-    a, b = _samples(numerator), _samples(denominator)
-    if len(a) >= MIN_BOOTSTRAP_SAMPLES and len(b) >= MIN_BOOTSTRAP_SAMPLES:
-        rng = np.random.default_rng(seed)
-        med_a = np.median(rng.choice(a, (BOOTSTRAP_RESAMPLES, len(a))), axis=1)
-        med_b = np.median(rng.choice(b, (BOOTSTRAP_RESAMPLES, len(b))), axis=1)
-        low, high = np.percentile(med_a / med_b, [2.5, 97.5])
-        return Ratio(num / den, float(low), float(high), "bootstrap 95%")
-    p10a, p90a, p10b, p90b = (numerator.get("step_ms_p10"), numerator.get("step_ms_p90"),
-                              denominator.get("step_ms_p10"), denominator.get("step_ms_p90"))
-    if p10a and p90a and p10b and p90b:
-        return Ratio(num / den, p10a / p90b, p90a / p10b, "p10-p90")
-    return Ratio(num / den, basis="one sample")
+    ratio = Ratio(judged.ratio, judged.low, judged.high, "bootstrap 95%" if judged.low is not None else "",
+                  judged.verdict, judged.test, judged.p_value)
+    if judged.low is None:
+        p10a, p90a, p10b, p90b = (numerator.get("step_ms_p10"), numerator.get("step_ms_p90"),
+                                  denominator.get("step_ms_p10"), denominator.get("step_ms_p90"))
+        if p10a and p90a and p10b and p90b:
+            ratio.low, ratio.high, ratio.basis = p10a / p90b, p90a / p10b, "p10-p90"
+        else:
+            ratio.basis = "one sample"
+    return ratio
+
+
+def load_note(*records: dict) -> str:
+    """Flags a comparison whose cases were measured while other processes competed for the machine."""
+    loaded = [r["arch"] for r in records if r is not None and load.was_loaded(r)]
+    return f"measured under load ({', '.join(dict.fromkeys(loaded))}): may reflect the machine" if loaded else ""
 
 
 @dataclass
@@ -157,23 +162,32 @@ def compare(records: list[dict], comparison: Comparison) -> ComparisonResult | N
             row.note = f"{cand['arch']}: {cand['status']}; {comparison.reference} fits"
         else:
             row.note = f"both {cand['status']}/{ref['status']}"
-        row.note = "; ".join(n for n in (row.note, dsv_note(cand)) if n)
+        row.note = "; ".join(n for n in (row.note, dsv_note(cand), load_note(cand, ref)) if n)
         result.rows.append(row)
     result.verdict = [v for v in (_verdict(comparison, name, result.rows) for name in comparison.candidates) if v]
     return result
+
+
+def forced_sparsity(record: dict) -> bool:
+    """DSV sparsity set by hand (`--set sparsity=...`) rather than learned: never shown as a measurement."""
+    dsv = record.get("dsv")
+    return bool(isinstance(dsv, dict) and dsv.get("forced")) or any(
+        "sparsity" in str(k) for k in (record.get("overrides") or {}))
 
 
 def dsv_note(record: dict) -> str:
     """DSV's own figures when the record has them: how sparse it ran and how well the estimator did."""
     dsv = record.get("dsv")
     if not isinstance(dsv, dict):
-        return ""
+        return "sparsity FORCED (--set), not learned" if forced_sparsity(record) else ""
     parts = []
     for key, label, scale, unit in (("sparse_head_fraction", "sparse heads", 100, "%"),
                                     ("estimator_recall", "estimator recall", 100, "%"),
                                     ("rel_error", "rel. error", 1, "")):
         if isinstance(dsv.get(key), (int, float)):
             parts.append(f"{label} {dsv[key] * scale:.{1 if unit else 3}f}{unit}")
+    if forced_sparsity(record):
+        parts.insert(0, "sparsity FORCED (--set), not learned")
     return ", ".join(parts)
 
 
@@ -185,7 +199,7 @@ def _fmt_speed(ratio: Ratio) -> str:
     if ratio.low is not None:
         text_interval = f"speed-up {ratio.low:.2f}-{ratio.high:.2f}x, {ratio.basis}"
         if not ratio.significant:
-            text_interval += ", so not distinguishable from equal speed"
+            text_interval += f"; {ratio.verdict} by {ratio.test or 'the test'}, as the gate would judge it"
         return f"{text} __REF__ ({text_interval})"
     return f"{text} __REF__"
 
@@ -257,6 +271,7 @@ class DeltaRow:
     time: Ratio | None = None  # current / baseline: > 1 is slower
     peak_change: float | None = None  # % change of peak_allocated (positive: more memory)
     activations_change: float | None = None
+    load_note: str = ""
 
 
 def baseline_deltas(current: list[dict], baseline: list[dict]) -> tuple[list[DeltaRow], list[dict], list[dict]]:
@@ -267,9 +282,9 @@ def baseline_deltas(current: list[dict], baseline: list[dict]) -> tuple[list[Del
     for key, record in cur.items():
         if key not in base:
             continue
-        row = DeltaRow(record, base[key])
+        row = DeltaRow(record, base[key], load_note=load_note(record, base[key]))
         if record["status"] == "ok" and base[key]["status"] == "ok":
-            row.time = time_ratio(record, base[key])
+            row.time = time_ratio(record, base[key], same_run=False)
             row.peak_change = _change(base[key].get("peak_allocated"), record.get("peak_allocated"))
             row.activations_change = _change(base[key].get("saved_activations"), record.get("saved_activations"))
         rows.append(row)
