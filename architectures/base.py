@@ -67,6 +67,21 @@ class VideoModel(nn.Module):
         """Record fields this model adds after the measured steps (e.g. {"dsv": {...}}); {} when none."""
         return {}
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks sharded as one unit each (FSDP): by default every element of the outermost ModuleLists
+        with two or more elements (a DiT's blocks, a UNet's down/up blocks); a model may name its own."""
+        units: list[nn.Module] = []
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                if isinstance(child, nn.ModuleList) and len(child) > 1:
+                    units.extend(child)
+                else:
+                    visit(child)
+
+        visit(self)
+        return units
+
     # --- shared behaviour ----------------------------------------------------------------------
     def make_batch(self, batch: int, frames: int, height: int, width: int, *, device="cpu",
                    dtype=torch.float32, seed: int = 0) -> VideoBatch:

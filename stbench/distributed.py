@@ -261,10 +261,11 @@ def _is_collective_error(error: BaseException) -> bool:
 
 def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     """Every rank runs every case of `sweep` together; rank 0 appends the records to OUT/results.jsonl."""
-    if sweep.context_parallel is None:
-        raise UserError("context_parallel: under torchrun (WORLD_SIZE > 1) pass --context-parallel ulysses|ring")
+    if sweep.context_parallel is None and sweep.fsdp is None:
+        raise UserError("context_parallel: under torchrun (WORLD_SIZE > 1) pass --context-parallel ulysses|ring "
+                        "and/or --fsdp N")
     if sweep.compile:
-        raise UserError("compile: --compile is not supported with --context-parallel")
+        raise UserError("compile: --compile is not supported with --context-parallel or --fsdp")
     if getattr(args, "isolate", False) or getattr(args, "trace", False):
         raise UserError("--isolate and --trace are not supported with --context-parallel")
     if sweep.device.startswith("cuda:"):
@@ -290,7 +291,14 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
             state.case, state.written = case, False
             slug = results.case_slug(case.identity(world))
             try:
-                check_case(case, world)
+                if case.fsdp is not None:
+                    from .fsdp import layout_of
+
+                    layout = layout_of(case, world)
+                    if layout.cp > 1:
+                        check_case(case, layout.cp)
+                else:
+                    check_case(case, world)
             except ValueError as e:  # the same on every rank: record it and go on
                 if rank == 0:
                     record = results.new_record(case.identity(world))
@@ -299,7 +307,12 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
                     print(f"error {slug}: {e}", file=sys.stderr, flush=True)
                 continue
             try:
-                record = measure_rank(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
+                if case.fsdp is not None:
+                    from .fsdp import measure_rank_fsdp
+
+                    record = measure_rank_fsdp(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
+                else:
+                    record = measure_rank(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
             except Exception as e:  # noqa: BLE001 - one rank's failure ends the run on every rank
                 detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[0][:500]
                 traceback.print_exc(file=sys.stderr)
@@ -325,7 +338,9 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     finally:
         watch.stop()
     if rank == 0:
-        print(f"stbench: {len(todo)} case(s) on {world} ranks ({sweep.context_parallel}) -> {path}", file=sys.stderr)
+        layout = (f"fsdp {sweep.fsdp}" if sweep.fsdp else "") + (" x " if sweep.fsdp and sweep.context_parallel else "") \
+            + (sweep.context_parallel or "")
+        print(f"stbench: {len(todo)} case(s) on {world} ranks ({layout}) -> {path}", file=sys.stderr)
     dist.destroy_process_group()
     return 0
 

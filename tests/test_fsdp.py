@@ -1,0 +1,144 @@
+"""FSDP2 (x context parallelism) on CPU, gloo: equivalence with one process, exact shard and collective bytes."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from stbench.parallel import fsdp as fsdp_lib
+from stbench.parallel.context_parallel import analytic_bytes
+from tests.test_distributed import MODEL_TOL, run_ranks
+
+# (arch, mode, fsdp degree, context parallel): dit-full trains everything; the others keep frozen (spatial)
+# parameters inside sharded units, which FSDP2 must leave out of the reduce-scatter
+WORLD2 = (("dit-full", "full", 2, None), ("dit-full", "temporal", 1, "ring"), ("serial-unet", "temporal", 2, None))
+
+
+def _batch(model, seeds, frames, resolution):
+    from architectures.base import VideoBatch
+
+    parts = [model.make_batch(1, frames, resolution, resolution, dtype=torch.float64, seed=s) for s in seeds]
+    return VideoBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("latents", "noise", "timesteps",
+                                                                             "text")))
+
+
+def _fsdp_equivalence(layouts, rank, world):
+    """A sharded training step next to a one-process copy on the global batch, on every rank."""
+    import torch.distributed as dist
+
+    import architectures
+    from stbench.fsdp import _broadcast_from_rank0
+    from stbench.parallel import make_context_parallel
+
+    summary = {}
+    for arch, mode, degree, cp_mode in layouts:
+        frames, resolution = (8, 64) if arch.startswith("dit") else (2, 32)
+        layout = fsdp_lib.FSDPLayout(fsdp=degree, cp=world // degree)
+        mesh = fsdp_lib.build_mesh(layout, "cpu")
+        torch.manual_seed(0)
+        model = architectures.build(arch, "tiny").double().set_training_mode(mode)
+        _broadcast_from_rank0(model)
+        reference = copy.deepcopy(model)
+        names = [n for n, _ in model.named_parameters()]
+        dp = mesh.get_local_rank("fsdp")
+        cp = make_context_parallel(cp_mode, mesh.get_group("cp")).attach(model) if layout.cp > 1 else None
+        units = fsdp_lib.apply_fsdp(model, mesh, layout)
+        # the step: sharded forward + backward (reduce-scatter) under the counter
+        with fsdp_lib.CollectiveCounter() as counter:
+            loss = model.loss(_batch(model, [dp], frames, resolution))
+            loss.backward()
+        ref_loss = reference.loss(_batch(reference, range(degree), frames, resolution))
+        ref_loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        torch.testing.assert_close(mean_loss / world, ref_loss.detach(), **MODEL_TOL)
+        params = dict(model.named_parameters())
+        for name, p_ref in zip(names, reference.parameters()):
+            p = params[name]
+            if p_ref.grad is None:
+                assert p.grad is None, f"{arch} {name}: a frozen parameter got a gradient"
+                continue
+            torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, **MODEL_TOL, msg=lambda m: f"{arch} {name}: {m}")
+        # bytes: this rank's shards and what each collective sent, against the analytic counts
+        unit_params = [list(u.parameters()) for u in units]
+        in_units = {id(p) for ps in unit_params for p in ps}
+        unit_params.append([p for p in model.parameters() if id(p) not in in_units])  # the root's own
+        shapes = [[p.shape for p in ps] for ps in unit_params]
+        trains = [[p.requires_grad for p in ps] for ps in unit_params]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        summary[f"{arch}/{mode}/{degree}"] = {
+            "sent": counter.bytes_by_kind,
+            "analytic": fsdp_lib.analytic_fsdp_bytes(shapes, trains, world, element_size=8),
+            "param_bytes": fsdp_lib.local_bytes(model.parameters()),
+            "padded_param_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in model.parameters()),
+            # gradients are shards of the parameters' layout (they live in FSDP's flat reduce-scatter buffers)
+            "grads_sharded": all(p.grad.to_local().shape == p.to_local().shape for p in trainable),
+            "grad_bytes": fsdp_lib.local_bytes(trainable),
+            "padded_grad_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in trainable),
+            "total_param_bytes": 8 * sum(p.numel() for p in reference.parameters()),
+            "cp": layout.cp,
+            "cp_sent": cp.counter.bytes_by_kind if cp is not None else {},
+        }
+        # AdamW's state is sharded with the parameters: two moments of the local shard, plus a step count each
+        optimizer = torch.optim.AdamW(trainable)
+        optimizer.step()
+        summary[f"{arch}/{mode}/{degree}"]["optimizer_bytes"] = fsdp_lib.local_bytes(
+            v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        summary[f"{arch}/{mode}/{degree}"]["step_bytes"] = sum(
+            s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+    return summary
+
+
+def _check_bytes(results, world):
+    for key in results[0]:
+        everyone = [r[key] for r in results]
+        for r in everyone:
+            # sharded: one padded shard (ceil(dim0 / W) rows) of every parameter, gradient and AdamW moment
+            assert r["param_bytes"] == r["padded_param_bytes"], key
+            assert r["grads_sharded"] and r["grad_bytes"] == r["padded_grad_bytes"], key
+            assert r["optimizer_bytes"] == 2 * r["padded_grad_bytes"] + r["step_bytes"], key
+            # the padding is all that separates world x a shard from the whole
+            assert r["padded_param_bytes"] * world >= r["total_param_bytes"]
+            assert r["padded_param_bytes"] * world - r["total_param_bytes"] < 8 * world * 200, key
+            expected = dict(r["analytic"])
+            if r["cp"] > 1:  # the ring's key/value hops are point-to-point; its token gather an all-gather
+                expected["point_to_point"] = r["cp_sent"]["attention"]
+                expected["all_gather"] += r["cp_sent"]["tokens"]
+                assert r["cp_sent"]["attention"] == 2 * analytic_bytes("ring", batch=1, heads=2, tokens=128,
+                                                                       head_dim=32, world=2, element_size=8)
+                assert r["cp_sent"]["tokens"] == (2 - 1) * 1 * (128 // 2) * 64 * 8  # (W-1) x a (1, 64, 64) fp64 shard
+            assert r["sent"] == expected, key
+
+
+@pytest.mark.slow
+def test_fsdp_and_fsdp_x_ring_step_equal_one_process(tmp_path):
+    results = run_ranks(functools.partial(_fsdp_equivalence, WORLD2), tmp_path, world=2)
+    _check_bytes(results, 2)
+
+
+def test_analytic_fsdp_bytes_by_hand():
+    # one unit of a (3, 4) weight and a (3,) bias, the root with a (5,) vector, over 2 ranks, fp32:
+    # shards of 2x4 + 2 = 10 and 3 elements; the unit is gathered twice (forward, backward), the root once
+    shapes = [[torch.Size([3, 4]), torch.Size([3])], [torch.Size([5])]]
+    sent = fsdp_lib.analytic_fsdp_bytes(shapes, [[True, False], [True]], 2)
+    assert sent == {"all_gather": 4 * (2 * 10 + 3), "reduce_scatter": 4 * (8 + 3)}
+    assert fsdp_lib.analytic_fsdp_bytes(shapes, [[True, False], [True]], 2, reshard_after_forward=False) == {
+        "all_gather": 4 * (10 + 3), "reduce_scatter": 4 * (8 + 3)}
+
+
+def test_default_fsdp_units_are_the_repeated_blocks():
+    import architectures
+
+    dit = architectures.build("dit-full", "tiny")
+    assert dit.fsdp_units() == list(dit.blocks)
+
+
+def test_fsdp_needs_torchrun_and_its_settings_need_fsdp(capsys):
+    from stbench.cli import main
+
+    assert main(["run", "--arch", "dit-full", "--device", "cpu", "--fsdp", "2", "--out", "/nonexistent/x"]) == 2
+    assert "stbench: error: --fsdp: needs several processes" in capsys.readouterr().err
+    assert main(["run", "--arch", "dit-full", "--device", "cpu", "--activation-checkpointing", "blocks"]) == 2
+    assert "stbench: error: activation_checkpointing: only with --fsdp N" in capsys.readouterr().err
