@@ -130,3 +130,16 @@ def test_bad_files_and_profiles_are_user_errors(tmp_path, capsys):
         planner.plan([_record(dsv={"head_sparsity": [[0.5]]})], gpus=2, link_gbps=1)
     with pytest.raises(UserError, match=r"expected a number in \[0, 1\)"):
         planner.plan([_record(dsv={"layer_sparsity": [1.5, 0.0], "sparse_head_fraction": 0.5})], gpus=2, link_gbps=1)
+
+
+def test_only_runnable_layouts_are_recommended():
+    """stbench runs ulysses or ring, not both: hybrids are marked, never starred, even when estimated fastest."""
+    plans = planner.plan([_record(arch="dit-full")], gpus=4, link_gbps=1e12)
+    (p,) = plans
+    assert set(p["unrunnable"]) == {"hybrid (ulysses x2 * ring x2)"}
+    assert p["best"].ulysses == 1 or p["best"].ring == 1
+    out = planner.render(plans, 4, 1e12)
+    assert "x hybrid (ulysses x2 * ring x2)" in out and "not runnable: stbench runs ulysses or ring" in out
+    # ring with an attention kind it does not support: marked with the run's own reason
+    (w,) = planner.plan([_record(arch="dit-window")], gpus=2, link_gbps=100)
+    assert "ring context parallelism supports dit-full and dit-dsv" in w["unrunnable"]["sequence-wise (ring x2)"]
