@@ -29,6 +29,7 @@ from .measure import env, flops, memory, sequence, timing
 
 DEFAULT_TIMEOUT_S = 300.0
 FAILURE_KEY = "stbench/failure"
+OOM_MARK = "[out of memory]"  # in a published failure: the case is `status: oom` whichever rank records it
 POLL_S = 0.2
 
 
@@ -247,6 +248,7 @@ class _RunState:
         if self.path is None or self.case is None or self.written:
             return
         self.written = True
+        status = "oom" if OOM_MARK in message else status
         record = results.new_record(self.case.identity(dist.get_world_size() if dist.is_initialized() else 1))
         record.update(status=status,
                       error=message, env=env.collect_env("cpu"))
@@ -321,6 +323,8 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
                     message = f"{cause} [rank {rank} then got: {detail[:200]}]"
                 else:
                     message = f"rank {rank} failed in case {slug}: {detail}"
+                    if memory.is_out_of_memory(e):
+                        message += f" {OOM_MARK}"
                     if _is_collective_error(e):
                         message += (f" (no other rank reported an error: one may have died, e.g. killed or out of "
                                     f"host memory; collectives wait at most STBENCH_DIST_TIMEOUT="

@@ -11,8 +11,41 @@ import torch.distributed as dist
 
 from . import results
 from .config import Case
-from .measure import env, memory, sequence
+from .measure import env, memory, sequence, timing
 from .parallel import fsdp as fsdp_lib
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_host_peak() -> int | None:
+    """Reset this process's resident-memory high-water mark (Linux); returns the resident bytes now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
+def timed_with_host_peak(state: dict):
+    """`time_steps` that also stores in state["host_peak"] the resident-memory growth of this rank's timed
+    steps (VmHWM after minus VmRSS before; None where /proc cannot tell)."""
+    def time_steps(fn, repeats, device):
+        before = _reset_host_peak()
+        times = timing.time_steps(fn, repeats, device)
+        peak = _proc_status_bytes("VmHWM")
+        state["host_peak"] = peak - before if before is not None and peak is not None else None
+        return times
+    return time_steps
 
 
 def layout_of(case: Case, world: int) -> fsdp_lib.FSDPLayout:
@@ -83,7 +116,9 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
         state["by_kind"] = dict(cp.counter.bytes_by_kind) if cp is not None else {}
 
     step = sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare,
-                                 after_warmup=after_warmup)
+                                 after_warmup=after_warmup, time_steps=timed_with_host_peak(state))
+    if device.type == "cpu":
+        record["host_peak_bytes"] = state.get("host_peak")
     # this rank's shards (padding included), not the global sizes the DTensors report
     record["param_bytes"] = fsdp_lib.local_bytes(step.model.parameters())
     record["grad_bytes"] = fsdp_lib.local_bytes(step.trainable)
@@ -98,13 +133,14 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
     merged = merge_ranks(record, everyone, world)
     for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "host_peak_bytes"):
         merged[f"rank_{name}"] = [r[name] for r in everyone]
-        if name != "host_peak_bytes":
-            merged[name] = max(r[name] for r in everyone)
+        values = [r[name] for r in everyone if r[name] is not None]
+        merged[name] = max(values) if values else None
     merged["comm_bytes_by_collective"] = everyone[0]["comm_bytes_by_collective"]
     merged["warnings"].append(
         f"fsdp: mesh fsdp {layout.fsdp} x cp {layout.cp}; parameters, gradients and AdamW state sharded over all "
         f"{world} ranks; each fsdp rank trains its own batch of {case.batch} (global batch {case.batch * layout.fsdp}"
-        f"); param/grad/optimizer_bytes are the largest rank's shard bytes (padding included), rank_* per rank; "
+        f"); param/grad/optimizer_bytes are the largest rank's shard bytes (padding included), host_peak_bytes the "
+        f"largest rank's resident-memory growth over the timed steps, rank_* per rank; "
         f"comm_bytes counted on the c10d ops of one extra untimed step")
     memory.release_memory()
     return merged

@@ -137,10 +137,10 @@ def case_slug(record: dict) -> str:
         parts.append("compiled")
     for key, value in sorted((record.get("overrides") or {}).items()):
         parts.append(f"{key}={value}")
-    if (record.get("world_size") or 1) > 1:
+    if (record.get("world_size") or 1) > 1 and record.get("context_parallel"):
         parts.append(f"{record.get('context_parallel')}x{record['world_size']}")
     if record.get("fsdp"):
-        parts.append(f"fsdp{record['fsdp']}-ac={record.get('activation_checkpointing')}"
+        parts.append(f"fsdp{record['fsdp']}of{record.get('world_size')}-ac={record.get('activation_checkpointing')}"
                      + ("-reshard" if record.get("fsdp_reshard_after_forward") else "")
                      + ("-mp" if record.get("fsdp_mixed_precision") else ""))
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(str(p) for p in parts))

@@ -142,3 +142,30 @@ def test_fsdp_needs_torchrun_and_its_settings_need_fsdp(capsys):
     assert "stbench: error: --fsdp: needs several processes" in capsys.readouterr().err
     assert main(["run", "--arch", "dit-full", "--device", "cpu", "--activation-checkpointing", "blocks"]) == 2
     assert "stbench: error: activation_checkpointing: only with --fsdp N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_any_rank_makes_the_case_oom_and_ends_every_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stbench import results
+    from tests.test_distributed import _free_port
+
+    port, world, procs = _free_port(), 2, []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "STBENCH_TEST_OOM_RANK": "1", "STBENCH_DIST_TIMEOUT": "20"}
+        cmd = [sys.executable, str(Path(__file__).parent / "fixtures" / "oom_fsdp_rank.py"), "run", "--arch",
+               "dit-full", "--device", "cpu", "--repeats", "2", "--fsdp", "2", "--no-progress", "--out",
+               str(tmp_path / "run")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs), errs
+    for err in errs:  # one line on every rank names the failing rank and the error
+        assert "stbench: error: rank 1 failed in case dit-full-tiny" in err and "[out of memory]" in err, err
+    (record,) = results.read_records(tmp_path / "run")
+    assert record["status"] == "oom" and record["fsdp"] == 2 and record["world_size"] == world
