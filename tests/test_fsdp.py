@@ -144,28 +144,62 @@ def test_fsdp_needs_torchrun_and_its_settings_need_fsdp(capsys):
     assert "stbench: error: activation_checkpointing: only with --fsdp N" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_out_of_memory_on_any_rank_makes_the_case_oom_and_ends_every_rank(tmp_path):
+def _launch(tmp_path, world, args, extra_env=None, fixture=None):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from stbench import results
     from tests.test_distributed import _free_port
 
-    port, world, procs = _free_port(), 2, []
+    port, procs = _free_port(), []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "STBENCH_TEST_OOM_RANK": "1", "STBENCH_DIST_TIMEOUT": "20"}
-        cmd = [sys.executable, str(Path(__file__).parent / "fixtures" / "oom_fsdp_rank.py"), "run", "--arch",
-               "dit-full", "--device", "cpu", "--repeats", "2", "--fsdp", "2", "--no-progress", "--out",
-               str(tmp_path / "run")]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert all(p.returncode != 0 for p in procs), errs
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        head = [str(Path(__file__).parent / "fixtures" / fixture)] if fixture else ["-m", "stbench"]
+        procs.append(subprocess.Popen([sys.executable, *head, "run", *args, "--out", str(tmp_path / "run")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
+@pytest.mark.slow
+def test_run_records_mesh_shards_and_collective_bytes(tmp_path):
+    """`stbench run --fsdp 2 --fsdp-mixed-precision --activation-checkpointing blocks` on 2 processes: the record
+    names its layout, and FSDP's bytes equal the analytic count (bf16 all-gather, fp32 reduce-scatter)."""
+    import architectures
+    from stbench import results
+
+    codes, errs = _launch(tmp_path, 2, ["--arch", "dit-full", "--device", "cpu", "--repeats", "2", "--fsdp", "2",
+                                        "--fsdp-mixed-precision", "--activation-checkpointing", "blocks",
+                                        "--no-progress"])
+    assert codes == [0, 0], errs
+    (r,) = results.read_records(tmp_path / "run")
+    assert r["status"] == "ok" and r["mesh"] == {"fsdp": 2, "cp": 1, "shard_over": "fsdp x cp"}
+    assert (r["fsdp"], r["activation_checkpointing"], r["fsdp_reshard_after_forward"], r["fsdp_mixed_precision"]) \
+        == (2, "blocks", True, True)
+    model = architectures.build("dit-full", "tiny").set_training_mode("temporal")
+    units = [list(u.parameters()) for u in model.fsdp_units()]
+    in_units = {id(p) for ps in units for p in ps}
+    units.append([p for p in model.parameters() if id(p) not in in_units])
+    expected = fsdp_lib.analytic_fsdp_bytes([[p.shape for p in ps] for ps in units],
+                                            [[p.requires_grad for p in ps] for ps in units], 2,
+                                            element_size=4, param_element_size=2)
+    assert r["comm_bytes_by_collective"] == expected
+    assert r["comm_bytes"] == sum(expected.values()) and r["rank_comm_bytes"] == [r["comm_bytes"]] * 2
+    padded = 4 * sum(fsdp_lib.padded_shard_numel(p.shape, 2) for p in model.parameters())
+    assert r["rank_param_bytes"] == [padded, padded] and len(r["rank_host_peak_bytes"]) == 2
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_any_rank_makes_the_case_oom_and_ends_every_rank(tmp_path):
+    from stbench import results
+
+    codes, errs = _launch(tmp_path, 2, ["--arch", "dit-full", "--device", "cpu", "--repeats", "2", "--fsdp", "2",
+                                        "--no-progress"],
+                          {"STBENCH_TEST_OOM_RANK": "1", "STBENCH_DIST_TIMEOUT": "20"}, fixture="oom_fsdp_rank.py")
+    assert all(code != 0 for code in codes), errs
     for err in errs:  # one line on every rank names the failing rank and the error
         assert "stbench: error: rank 1 failed in case dit-full-tiny" in err and "[out of memory]" in err, err
     (record,) = results.read_records(tmp_path / "run")
-    assert record["status"] == "oom" and record["fsdp"] == 2 and record["world_size"] == world
+    assert record["status"] == "oom" and record["fsdp"] == 2 and record["world_size"] == 2
