@@ -11,9 +11,11 @@ from stbench.parallel import fsdp as fsdp_lib
 from stbench.parallel.context_parallel import analytic_bytes
 from tests.test_distributed import MODEL_TOL, run_ranks
 
-# (arch, mode, fsdp degree, context parallel): dit-full trains everything; the others keep frozen (spatial)
-# parameters inside sharded units, which FSDP2 must leave out of the reduce-scatter
-WORLD2 = (("dit-full", "full", 2, None), ("dit-full", "temporal", 1, "ring"), ("serial-unet", "temporal", 2, None))
+# (arch, mode, fsdp degree, context parallel, activation checkpointing): dit-full full trains everything; the
+# others keep frozen (spatial) parameters inside sharded units, which FSDP2 must leave out of the reduce-scatter
+WORLD2 = (("dit-full", "full", 2, None, "blocks"), ("dit-full", "temporal", 1, "ring", "none"),
+          ("serial-unet", "temporal", 2, None, "spatial"))
+WORLD4 = (("dit-full", "full", 2, "ulysses", "none"),)  # a 2 x 2 mesh: both dimensions in use
 
 
 def _batch(model, seeds, frames, resolution):
@@ -33,9 +35,9 @@ def _fsdp_equivalence(layouts, rank, world):
     from stbench.parallel import make_context_parallel
 
     summary = {}
-    for arch, mode, degree, cp_mode in layouts:
+    for arch, mode, degree, cp_mode, checkpointing in layouts:
         frames, resolution = (8, 64) if arch.startswith("dit") else (2, 32)
-        layout = fsdp_lib.FSDPLayout(fsdp=degree, cp=world // degree)
+        layout = fsdp_lib.FSDPLayout(fsdp=degree, cp=world // degree, activation_checkpointing=checkpointing)
         mesh = fsdp_lib.build_mesh(layout, "cpu")
         torch.manual_seed(0)
         model = architectures.build(arch, "tiny").double().set_training_mode(mode)
@@ -79,6 +81,7 @@ def _fsdp_equivalence(layouts, rank, world):
             "padded_grad_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in trainable),
             "total_param_bytes": 8 * sum(p.numel() for p in reference.parameters()),
             "cp": layout.cp,
+            "cp_mode": cp_mode,
             "cp_sent": cp.counter.bytes_by_kind if cp is not None else {},
         }
         # AdamW's state is sharded with the parameters: two moments of the local shard, plus a step count each
@@ -103,12 +106,14 @@ def _check_bytes(results, world):
             assert r["padded_param_bytes"] * world >= r["total_param_bytes"]
             assert r["padded_param_bytes"] * world - r["total_param_bytes"] < 8 * world * 200, key
             expected = dict(r["analytic"])
-            if r["cp"] > 1:  # the ring's key/value hops are point-to-point; its token gather an all-gather
-                expected["point_to_point"] = r["cp_sent"]["attention"]
+            cp = r["cp"]
+            if cp > 1:  # ulysses: q, k, v, o all-to-all; ring: key/value hops point-to-point; both gather tokens
+                expected["all_to_all" if r["cp_mode"] == "ulysses" else "point_to_point"] = r["cp_sent"]["attention"]
                 expected["all_gather"] += r["cp_sent"]["tokens"]
-                assert r["cp_sent"]["attention"] == 2 * analytic_bytes("ring", batch=1, heads=2, tokens=128,
-                                                                       head_dim=32, world=2, element_size=8)
-                assert r["cp_sent"]["tokens"] == (2 - 1) * 1 * (128 // 2) * 64 * 8  # (W-1) x a (1, 64, 64) fp64 shard
+                # dit-full tiny: 2 layers of 2 heads of 32, hidden 64, 128 tokens, fp64
+                assert r["cp_sent"]["attention"] == 2 * analytic_bytes(r["cp_mode"], batch=1, heads=2, tokens=128,
+                                                                       head_dim=32, world=cp, element_size=8)
+                assert r["cp_sent"]["tokens"] == (cp - 1) * 1 * (128 // cp) * 64 * 8  # (W-1) x a (1, n, 64) shard
             assert r["sent"] == expected, key
 
 
@@ -116,6 +121,12 @@ def _check_bytes(results, world):
 def test_fsdp_and_fsdp_x_ring_step_equal_one_process(tmp_path):
     results = run_ranks(functools.partial(_fsdp_equivalence, WORLD2), tmp_path, world=2)
     _check_bytes(results, 2)
+
+
+@pytest.mark.slow
+def test_fsdp_x_ulysses_on_a_2x2_mesh_equals_one_process(tmp_path):
+    results = run_ranks(functools.partial(_fsdp_equivalence, WORLD4), tmp_path, world=4)
+    _check_bytes(results, 4)
 
 
 def test_analytic_fsdp_bytes_by_hand():
