@@ -68,13 +68,15 @@ class VideoModel(nn.Module):
         return {}
 
     def fsdp_units(self) -> list[nn.Module]:
-        """The blocks sharded as one unit each (FSDP): by default every element of the outermost ModuleLists
-        with two or more elements (a DiT's blocks, a UNet's down/up blocks); a model may name its own."""
+        """The blocks sharded as one unit each (FSDP): by default every element of the outermost ModuleLists of
+        two or more elements that all hold parameters (a DiT's blocks, a UNet's down/up blocks; not e.g. a
+        [Linear, Dropout] output projection); a model may name its own."""
         units: list[nn.Module] = []
 
         def visit(module: nn.Module) -> None:
             for child in module.children():
-                if isinstance(child, nn.ModuleList) and len(child) > 1:
+                if isinstance(child, nn.ModuleList) and len(child) > 1 and all(
+                        next(m.parameters(), None) is not None for m in child):
                     units.extend(child)
                 else:
                     visit(child)

@@ -132,20 +132,22 @@ def padded_shard_numel(shape: torch.Size, world: int) -> int:
 
 def analytic_fsdp_bytes(units: list[list[torch.Size]], trainable: list[list[bool]], world: int, *,
                         element_size: int = 4, param_element_size: int | None = None,
-                        reshard_after_forward: bool = True) -> dict[str, int]:
+                        reshard_after_forward: bool = True, in_backward: list[bool] | None = None) -> dict[str, int]:
     """Bytes one rank sends in one FSDP2 training step, per collective kind.
 
     `units[i]`: the parameter shapes of FSDP unit i (the root last); `trainable[i]`: which of them train.
     All-gather: each unit once in forward and, when resharded after forward, again in backward (the root is
     never resharded after forward: backward starts with it); a rank sends its padded shard to W-1 ranks.
-    Reduce-scatter: each unit's trainable gradients once, a rank sending (W-1) padded shards.
+    Reduce-scatter: each unit's trainable gradients once, a rank sending (W-1) padded shards. `in_backward[i]`
+    False: unit i ran without autograd (e.g. a frozen image UNet under no_grad), so backward never gathers it.
     """
     param_element_size = param_element_size or element_size
+    in_backward = in_backward or [True] * len(units)
     gather = scatter = 0
     for i, (shapes, trains) in enumerate(zip(units, trainable)):
         shard = sum(padded_shard_numel(s, world) for s in shapes)
         grad_shard = sum(padded_shard_numel(s, world) for s, t in zip(shapes, trains) if t)
-        times = 2 if reshard_after_forward and i < len(units) - 1 else 1
+        times = 2 if reshard_after_forward and i < len(units) - 1 and in_backward[i] else 1
         if shard:
             gather += times * shard * param_element_size * (world - 1)
         scatter += grad_shard * element_size * (world - 1)
