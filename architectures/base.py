@@ -74,6 +74,23 @@ class VideoModel(nn.Module):
         'warnings' list is appended to the record's warnings."""
         return {}
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks sharded as one unit each (FSDP): by default every element of the outermost ModuleLists of
+        two or more elements that all hold parameters (a DiT's blocks, a UNet's down/up blocks; not e.g. a
+        [Linear, Dropout] output projection); a model may name its own."""
+        units: list[nn.Module] = []
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                if isinstance(child, nn.ModuleList) and len(child) > 1 and all(
+                        next(m.parameters(), None) is not None for m in child):
+                    units.extend(child)
+                else:
+                    visit(child)
+
+        visit(self)
+        return units
+
     # --- shared behaviour ----------------------------------------------------------------------
     def latent_frames(self, frames: int) -> int:
         t = self.temporal_compression

@@ -83,6 +83,18 @@ def walk_unet(unet, x, emb, text, layer):  # (B*F,4,h,w), (B*F,E), (B*F,L,D) -> 
         return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))  # (B*F, 4, h, w)
 
 
+def walked_units(unet) -> list[nn.Module]:
+    """The modules `walk_unet` and `motion_delta` call (FSDP units must be called to gather their weights):
+    resnets, attentions, down/upsamplers and the motion modules' transformer blocks, not the blocks holding them."""
+    units: list[nn.Module] = []
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for name in ("resnets", "attentions", "downsamplers", "upsamplers"):
+            units.extend(getattr(block, name, None) or [])
+        for motion in getattr(block, "motion_modules", None) or []:
+            units.extend(motion.transformer_blocks)
+    return units
+
+
 def spatial_only(site, motion, h_in, r, s):
     """Layer rule of the per-frame text-to-image UNet: motion modules bypassed."""
     return s
@@ -90,6 +102,9 @@ def spatial_only(site, motion, h_in, r, s):
 
 class MobiusUNet(SerialUNet):
     """Layer-parallel Mobius: each layer's motion module reads the layer input beside S, `h = S(h) + D(h)`."""
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return walked_units(self.unet)
 
     def forward(self, sample, timesteps, text):  # (B,C,F,h,w), (B,), (B,L,D) -> (B,C,F,h,w)
         frames = sample.shape[2]
@@ -157,6 +172,9 @@ class MobiusLadderUNet(SerialUNet):
         if parameter_name.startswith(self.ADDITIONS):
             return "temporal"
         return super().group_of(parameter_name)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return walked_units(self.unet)
 
     def added_parameter_names(self) -> list[str]:
         return [n for n in self.state_dict() if n.startswith(self.ADDITIONS)]

@@ -21,6 +21,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 DTYPES = tuple(TORCH_DTYPES)
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 CONTEXT_PARALLEL = ("ulysses", "ring")
+ACTIVATION_CHECKPOINTING = ("none", "blocks", "spatial")
 
 
 def _parse_scalar(text: str, kind: type, key: str):
@@ -92,6 +93,12 @@ class Case:
     compile: bool = False
     overrides: tuple[tuple[str, str], ...] = ()  # raw --set pairs, sorted by key
     context_parallel: str | None = None  # "ulysses" | "ring" under torchrun; None on one process
+    # FSDP (torchrun): data-parallel degree; None = no FSDP. The three settings below are None without FSDP,
+    # so records written before FSDP existed keep their case keys.
+    fsdp: int | None = None
+    activation_checkpointing: str | None = None  # none | blocks | spatial
+    fsdp_reshard_after_forward: bool | None = None
+    fsdp_mixed_precision: bool | None = None  # bf16 params, fp32 reduce (FSDP's MixedPrecisionPolicy)
 
     def __post_init__(self):
         try:
@@ -120,12 +127,28 @@ class Case:
                                                   or arch.family != "dit"):
             raise UserError(f"context_parallel: {self.context_parallel!r} is not legal for {self.arch}; legal: "
                             f"{', '.join(CONTEXT_PARALLEL)} with a dit-* architecture")
+        self._check_fsdp()
         config = self.model_config()  # validates the overrides
         if arch.check_shape is not None:
             try:
                 arch.check_shape(config, self.frames, self.resolution, self.resolution)
             except ValueError as e:
                 raise UserError(f"resolution/frames for {self.arch}: {e}") from None
+
+    def _check_fsdp(self) -> None:
+        if self.fsdp is None:
+            extra = [n for n in ("activation_checkpointing", "fsdp_reshard_after_forward", "fsdp_mixed_precision")
+                     if getattr(self, n) is not None]
+            if extra:
+                raise UserError(f"{extra[0]}: only with --fsdp N")
+            return
+        if not isinstance(self.fsdp, int) or isinstance(self.fsdp, bool) or self.fsdp < 1:
+            raise UserError(f"fsdp: must be an integer >= 1, got {self.fsdp!r}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise UserError(f"activation_checkpointing: {self.activation_checkpointing!r} is not legal; legal: "
+                            f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+        if self.compile:
+            raise UserError("compile: --compile is not supported with --fsdp")
 
     @property
     def override_dict(self) -> dict[str, str]:
@@ -176,6 +199,10 @@ class Sweep:
     compile: bool = False
     overrides: tuple[tuple[str, str], ...] = ()
     context_parallel: str | None = None
+    fsdp: int | None = None
+    activation_checkpointing: str | None = None
+    fsdp_reshard_after_forward: bool | None = None
+    fsdp_mixed_precision: bool | None = None
     repeats: int = 5
     warmup: int = 2
     cases: tuple[Case, ...] = field(init=False, repr=False, compare=False)
@@ -195,6 +222,9 @@ class Sweep:
         cases = tuple(
             Case(arch=a, preset=self.preset, mode=self.mode, batch=b, frames=f, resolution=r, dtype=self.dtype,
                  device=self.device, compile=self.compile, overrides=self.overrides,
-                 context_parallel=self.context_parallel)
+                 context_parallel=self.context_parallel, fsdp=self.fsdp,
+                 activation_checkpointing=self.activation_checkpointing,
+                 fsdp_reshard_after_forward=self.fsdp_reshard_after_forward,
+                 fsdp_mixed_precision=self.fsdp_mixed_precision)
             for a, r, f, b in itertools.product(self.archs, self.resolutions, self.frames, self.batches))
         object.__setattr__(self, "cases", cases)

@@ -29,6 +29,7 @@ from .measure import env, flops, memory, sequence, timing
 
 DEFAULT_TIMEOUT_S = 300.0
 FAILURE_KEY = "stbench/failure"
+OOM_MARK = "[out of memory]"  # in a published failure: the case is `status: oom` whichever rank records it
 POLL_S = 0.2
 
 
@@ -248,6 +249,7 @@ class _RunState:
         if self.path is None or self.case is None or self.written:
             return
         self.written = True
+        status = "oom" if OOM_MARK in message else status
         record = results.new_record(self.case.identity(dist.get_world_size() if dist.is_initialized() else 1))
         record.update(status=status,
                       error=message, env=env.collect_env("cpu"))
@@ -262,10 +264,11 @@ def _is_collective_error(error: BaseException) -> bool:
 
 def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     """Every rank runs every case of `sweep` together; rank 0 appends the records to OUT/results.jsonl."""
-    if sweep.context_parallel is None:
-        raise UserError("context_parallel: under torchrun (WORLD_SIZE > 1) pass --context-parallel ulysses|ring")
+    if sweep.context_parallel is None and sweep.fsdp is None:
+        raise UserError("context_parallel: under torchrun (WORLD_SIZE > 1) pass --context-parallel ulysses|ring "
+                        "and/or --fsdp N")
     if sweep.compile:
-        raise UserError("compile: --compile is not supported with --context-parallel")
+        raise UserError("compile: --compile is not supported with --context-parallel or --fsdp")
     if getattr(args, "isolate", False) or getattr(args, "trace", False):
         raise UserError("--isolate and --trace are not supported with --context-parallel")
     if sweep.device.startswith("cuda:"):
@@ -291,7 +294,14 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
             state.case, state.written = case, False
             slug = results.case_slug(case.identity(world))
             try:
-                check_case(case, world)
+                if case.fsdp is not None:
+                    from .fsdp import layout_of
+
+                    layout = layout_of(case, world)
+                    if layout.cp > 1:
+                        check_case(case, layout.cp)
+                else:
+                    check_case(case, world)
             except ValueError as e:  # the same on every rank: record it and go on
                 if rank == 0:
                     record = results.new_record(case.identity(world))
@@ -300,7 +310,12 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
                     print(f"error {slug}: {e}", file=sys.stderr, flush=True)
                 continue
             try:
-                record = measure_rank(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
+                if case.fsdp is not None:
+                    from .fsdp import measure_rank_fsdp
+
+                    record = measure_rank_fsdp(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
+                else:
+                    record = measure_rank(case, repeats=sweep.repeats, warmup=sweep.warmup, world=world)
             except Exception as e:  # noqa: BLE001 - one rank's failure ends the run on every rank
                 detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[0][:500]
                 traceback.print_exc(file=sys.stderr)
@@ -309,6 +324,8 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
                     message = f"{cause} [rank {rank} then got: {detail[:200]}]"
                 else:
                     message = f"rank {rank} failed in case {slug}: {detail}"
+                    if memory.is_out_of_memory(e):
+                        message += f" {OOM_MARK}"
                     if _is_collective_error(e):
                         message += (f" (no other rank reported an error: one may have died, e.g. killed or out of "
                                     f"host memory; collectives wait at most STBENCH_DIST_TIMEOUT="
@@ -326,7 +343,9 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     finally:
         watch.stop()
     if rank == 0:
-        print(f"stbench: {len(todo)} case(s) on {world} ranks ({sweep.context_parallel}) -> {path}", file=sys.stderr)
+        layout = (f"fsdp {sweep.fsdp}" if sweep.fsdp else "") + (" x " if sweep.fsdp and sweep.context_parallel else "") \
+            + (sweep.context_parallel or "")
+        print(f"stbench: {len(todo)} case(s) on {world} ranks ({layout}) -> {path}", file=sys.stderr)
     dist.destroy_process_group()
     return 0
 

@@ -246,7 +246,10 @@ def plan(records: list[dict], *, gpus: int, link_gbps: float, arch: str | None =
         sparsity = head_sparsity(record, shape)
         step_ms = float(record["step_ms_median"])
         estimates = [estimate(shape, sparsity, step_ms, u, r, link_gbps, tokens) for u, r in layouts(gpus, shape.heads)]
-        best = min(estimates, key=lambda est: (est.step_ms, est.comm_bytes))
+        blocked = {est.layout: reason for est in estimates
+                   if (reason := unrunnable(record, est.ulysses, est.ring)) is not None}
+        best = min((est for est in estimates if est.layout not in blocked),
+                   key=lambda est: (est.step_ms, est.comm_bytes))
         single = estimate(shape, sparsity, step_ms, 1, 1, link_gbps, tokens)
         measured = []
         for other in records:
@@ -260,16 +263,32 @@ def plan(records: list[dict], *, gpus: int, link_gbps: float, arch: str | None =
                                  "estimated_comm_bytes": est.comm_bytes,
                                  "measured_comm_bytes": other.get("comm_bytes")})
         plans.append({"record": record, "shape": shape, "tokens": tokens or shape.tokens, "estimates": estimates,
-                      "single_gpu_ms": single.step_ms, "best": best, "measured": measured})
+                      "single_gpu_ms": single.step_ms, "best": best, "measured": measured,
+                      "unrunnable": blocked})
     return plans
 
 
-NOT_RUNNABLE = "estimate only: stbench cannot run this layout (run --context-parallel takes ulysses or ring)"
+NOT_RUNNABLE = "estimate only: stbench cannot run this layout"
 
 
-def runnable(layout: str) -> bool:
-    """Whether `stbench run --context-parallel` can measure a layout: one kind of parallelism, or none."""
-    return not layout.startswith("hybrid")
+def unrunnable(record: dict, u: int, r: int) -> str | None:
+    """Why `stbench run` cannot run layout u x r of the record's case (None if it can): the planner recommends
+    only layouts that can be measured. The checks are the ones a torchrun run makes (distributed.check_case)."""
+    from .distributed import check_case
+
+    if u > 1 and r > 1:
+        return "not runnable: stbench runs ulysses or ring, not both at once"
+    if u * r == 1:
+        return None
+    try:
+        case = Case(arch=record["arch"], preset=record["preset"], mode=record["mode"], batch=record["batch"],
+                    frames=record["frames"], resolution=record["resolution"], dtype=record["dtype"], device="cpu",
+                    overrides=tuple(sorted((record.get("overrides") or {}).items())),
+                    context_parallel="ulysses" if r == 1 else "ring")
+        check_case(case, u * r)
+    except (UserError, ValueError) as e:
+        return f"not runnable: {e}"
+    return None
 
 
 def _mb(n) -> str:
@@ -292,14 +311,16 @@ def render(plans: list[dict], gpus: int, link_gbps: float) -> str:
                      f"{'attn imbalance':>15s}")
         single = p["single_gpu_ms"]
         for est in sorted(p["estimates"], key=lambda e: e.step_ms):
-            notes = list(est.notes) + ([] if runnable(est.layout) else [NOT_RUNNABLE])
+            blocked = p.get("unrunnable", {}).get(est.layout)
+            mark = "*" if est is p["best"] else "x" if blocked else " "
+            notes = list(est.notes) + ([NOT_RUNNABLE, blocked] if blocked else [])
             layout = est.layout.replace("single GPU", "single CPU process") if on_cpu else est.layout
-            lines.append(f"  {layout:34s} {est.step_ms:10.2f} {single / est.step_ms:7.2f}x "
+            lines.append(f"{mark} {layout:34s} {est.step_ms:10.2f} {single / est.step_ms:7.2f}x "
                          f"{_mb(est.comm_bytes):>15s} {est.attention_imbalance:14.2f}x"
                          + (f"  ({'; '.join(notes)})" if notes else ""))
         one = "one CPU process, extrapolated" if on_cpu else "1 GPU"
-        lines.append(f"  best: {p['best'].layout} ({one} at this length: {single:.1f} ms/step)"
-                     + ("" if runnable(p["best"].layout) else f"; {NOT_RUNNABLE}"))
+        lines.append(f"  best: {p['best'].layout} (*: the fastest layout stbench can run; {one} at this length: "
+                     f"{single:.1f} ms/step; x: layouts stbench cannot run, estimates only)")
         for m in p["measured"]:
             ratio = m["estimated_step_ms"] / m["measured_step_ms"]
             lines.append(f"  measured {m['layout']} on {m['world_size']}: {m['measured_step_ms']:.2f} ms vs estimated "

@@ -45,6 +45,11 @@ class Record:
     compile: bool = field(default=False, metadata=IDENTITY)
     world_size: int = field(default=1, metadata=IDENTITY)
     context_parallel: typing.Optional[str] = field(default=None, metadata=IDENTITY)
+    # FSDP (torchrun --fsdp N): None without FSDP (older records keep their keys)
+    fsdp: typing.Optional[int] = field(default=None, metadata=IDENTITY)  # data-parallel (sharding) degree
+    activation_checkpointing: typing.Optional[str] = field(default=None, metadata=IDENTITY)  # none|blocks|spatial
+    fsdp_reshard_after_forward: typing.Optional[bool] = field(default=None, metadata=IDENTITY)
+    fsdp_mixed_precision: typing.Optional[bool] = field(default=None, metadata=IDENTITY)  # bf16 params, fp32 reduce
     status: str = ""  # ok | oom | error
     error: typing.Optional[str] = None
     # time (milliseconds): statistics of the measured steps, raw samples kept
@@ -90,6 +95,13 @@ class Record:
     rank_saved_activations: typing.Optional[list] = None
     rank_comm_bytes: typing.Optional[list] = None
     rank_attention_work: typing.Optional[list] = None
+    # FSDP: the device mesh, bytes sent per collective kind (counted on c10d ops), each rank's shard bytes
+    mesh: typing.Optional[dict] = None  # {"fsdp": N, "cp": C, "shard_over": "fsdp x cp"}
+    comm_bytes_by_collective: typing.Optional[dict] = None  # all_gather, reduce_scatter, all_to_all, ...
+    rank_param_bytes: typing.Optional[list] = None
+    rank_grad_bytes: typing.Optional[list] = None
+    rank_optimizer_bytes: typing.Optional[list] = None
+    rank_host_peak_bytes: typing.Optional[list] = None
 
 
 _FIELDS = dataclasses.fields(Record)
@@ -130,8 +142,12 @@ def case_slug(record: dict) -> str:
         parts.append("compiled")
     for key, value in sorted((record.get("overrides") or {}).items()):
         parts.append(f"{key}={value}")
-    if (record.get("world_size") or 1) > 1:
+    if (record.get("world_size") or 1) > 1 and record.get("context_parallel"):
         parts.append(f"{record.get('context_parallel')}x{record['world_size']}")
+    if record.get("fsdp"):
+        parts.append(f"fsdp{record['fsdp']}of{record.get('world_size')}-ac={record.get('activation_checkpointing')}"
+                     + ("-reshard" if record.get("fsdp_reshard_after_forward") else "")
+                     + ("-mp" if record.get("fsdp_mixed_precision") else ""))
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(str(p) for p in parts))
 
 

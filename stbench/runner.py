@@ -255,6 +255,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run folder (default: runs/run-<UTC time>)")
     parser.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default=None,
                         help="sequence parallelism across torchrun processes (dit-* architectures)")
+    parser.add_argument("--fsdp", type=int, default=None, metavar="N",
+                        help="under torchrun: FSDP2 (fully_shard per block) with N data-parallel ranks; with "
+                             "--context-parallel, N x CP = world size on one 2D device mesh")
+    parser.add_argument("--activation-checkpointing", choices=("none", "blocks", "spatial"), default=None,
+                        help="with --fsdp: recompute the activations of every block, or of the spatial layers")
+    parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --fsdp: free gathered parameters after forward, gather again in backward "
+                             "(FSDP2's default: on)")
+    parser.add_argument("--fsdp-mixed-precision", action="store_true",
+                        help="with --fsdp: bf16 parameters, fp32 gradient reduction (FSDP's MixedPrecisionPolicy)")
     parser.add_argument("--no-progress", action="store_true", help="one line per case instead of a progress bar")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every case --repeats steps per "
                         "round, in a shuffled order, samples pooled (default 1)")
@@ -273,7 +283,20 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
                  frames=_int_list(args.frames, "frames"), batches=_int_list(args.batch, "batch"),
                  preset=args.preset, mode=args.mode, dtype=dtype, device=device, compile=args.compile,
                  overrides=parse_set_options(args.set), context_parallel=args.context_parallel,
-                 repeats=args.repeats, warmup=args.warmup)
+                 repeats=args.repeats, warmup=args.warmup, **_fsdp_settings(args))
+
+
+def _fsdp_settings(args: argparse.Namespace) -> dict:
+    """FSDP's settings with their defaults when --fsdp is given; as typed (None unless given) otherwise, so
+    that a setting without --fsdp is reported."""
+    fsdp = getattr(args, "fsdp", None)
+    ac = getattr(args, "activation_checkpointing", None)
+    reshard = getattr(args, "fsdp_reshard_after_forward", None)
+    mixed = getattr(args, "fsdp_mixed_precision", False) or None
+    if fsdp is not None:
+        ac, reshard, mixed = ac or "none", True if reshard is None else reshard, bool(mixed)
+    return dict(fsdp=fsdp, activation_checkpointing=ac, fsdp_reshard_after_forward=reshard,
+                fsdp_mixed_precision=mixed)
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -290,6 +313,9 @@ def execute(args: argparse.Namespace) -> int:
         if args.rounds > 1:
             raise UserError("--rounds: not supported with torchrun (context-parallel) runs; use --repeats")
         return run_sweep_distributed(sweep, out, args)
+    if sweep.fsdp is not None:
+        raise UserError("--fsdp: needs several processes; launch with torchrun --nproc-per-node N -m stbench "
+                        "run --fsdp N ...")
     if sweep.context_parallel is not None:  # one process would measure a plain step under a parallel name
         raise UserError("--context-parallel: needs several processes; launch with "
                         "torchrun --nproc-per-node N -m stbench run ...")

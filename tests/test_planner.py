@@ -137,5 +137,19 @@ def test_cpu_figures_are_labelled_extrapolated_and_hybrids_not_runnable(tmp_path
     assert main(["plan", "--results", str(path), "--gpus", "4", "--link-gbps", "200"]) == 0
     out = capsys.readouterr().out
     assert "extrapolated from a CPU run, not a GPU figure" in out and "1 GPU" not in out
-    hybrid = next(line for line in out.splitlines() if line.strip().startswith("hybrid"))
-    assert planner.NOT_RUNNABLE in hybrid and not any(l.startswith("*") for l in out.splitlines())
+    hybrid = next(line for line in out.splitlines() if line[2:].startswith("hybrid"))
+    assert planner.NOT_RUNNABLE in hybrid and hybrid.startswith("x")
+    assert not any(line.startswith("*") and "hybrid" in line for line in out.splitlines())
+
+
+def test_only_runnable_layouts_are_recommended():
+    """stbench runs ulysses or ring, not both: hybrids are marked, never starred, even when estimated fastest."""
+    plans = planner.plan([_record(arch="dit-full")], gpus=4, link_gbps=1e12)
+    (p,) = plans
+    assert set(p["unrunnable"]) == {"hybrid (ulysses x2 * ring x2)"}
+    assert p["best"].ulysses == 1 or p["best"].ring == 1
+    out = planner.render(plans, 4, 1e12)
+    assert "x hybrid (ulysses x2 * ring x2)" in out and "not runnable: stbench runs ulysses or ring" in out
+    # ring with an attention kind it does not support: marked with the run's own reason
+    (w,) = planner.plan([_record(arch="dit-window")], gpus=2, link_gbps=100)
+    assert "ring context parallelism supports dit-full and dit-dsv" in w["unrunnable"]["sequence-wise (ring x2)"]

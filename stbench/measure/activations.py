@@ -8,6 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 
 def _storage_key(t: torch.Tensor):
+    t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor parameter (FSDP): its local shard
     storage = t.untyped_storage()
     return (t.device.type, t.device.index, storage.data_ptr() if t.device.type != "meta" else id(storage))
 

@@ -14,6 +14,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes held by the storages of `tensors`; a storage shared by several tensors counts once."""
     seen, total = set(), 0
     for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP): this process holds its shard
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)
@@ -28,7 +29,7 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 def grad_bytes(trainable: Iterable[torch.nn.Parameter]) -> int:
     """Gradients of the trainable parameters: autograd gives each a gradient of its own shape and dtype."""
-    return sum(p.numel() * p.element_size() for p in trainable)
+    return sum(p.numel() * p.element_size() for p in trainable)  # FSDP: stbench.fsdp counts the shards
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:

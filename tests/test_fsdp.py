@@ -1,0 +1,232 @@
+"""FSDP2 (x context parallelism) on CPU, gloo: equivalence with one process, exact shard and collective bytes."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from stbench.parallel import fsdp as fsdp_lib
+from stbench.parallel.context_parallel import analytic_bytes
+from tests.test_distributed import MODEL_TOL, run_ranks
+
+# (arch, mode, fsdp degree, context parallel, activation checkpointing): dit-full full trains everything; the
+# others keep frozen (spatial) parameters inside sharded units, which FSDP2 must leave out of the reduce-scatter
+WORLD2 = (("dit-full", "full", 2, None, "blocks"), ("dit-full", "temporal", 1, "ring", "none"),
+          ("serial-unet", "temporal", 2, None, "spatial"), ("mobius-ladder-unet", "temporal", 2, None, "none"))
+WORLD4 = (("dit-full", "full", 2, "ulysses", "none"),)  # a 2 x 2 mesh: both dimensions in use
+
+
+def _batch(model, seeds, frames, resolution):
+    from architectures.base import VideoBatch
+
+    parts = [model.make_batch(1, frames, resolution, resolution, dtype=torch.float64, seed=s) for s in seeds]
+    return VideoBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("latents", "noise", "timesteps",
+                                                                             "text")))
+
+
+def _fsdp_equivalence(layouts, rank, world):
+    """A sharded training step next to a one-process copy on the global batch, on every rank."""
+    import torch.distributed as dist
+
+    import architectures
+    from stbench.fsdp import _broadcast_from_rank0
+    from stbench.parallel import make_context_parallel
+
+    summary = {}
+    for arch, mode, degree, cp_mode, checkpointing in layouts:
+        frames, resolution = (8, 64) if arch.startswith("dit") else (2, 32)
+        layout = fsdp_lib.FSDPLayout(fsdp=degree, cp=world // degree, activation_checkpointing=checkpointing)
+        mesh = fsdp_lib.build_mesh(layout, "cpu")
+        torch.manual_seed(0)
+        model = architectures.build(arch, "tiny").double().set_training_mode(mode)
+        _broadcast_from_rank0(model)
+        reference = copy.deepcopy(model)
+        names = [n for n, _ in model.named_parameters()]
+        dp = mesh.get_local_rank("fsdp")
+        cp = make_context_parallel(cp_mode, mesh.get_group("cp")).attach(model) if layout.cp > 1 else None
+        units = fsdp_lib.apply_fsdp(model, mesh, layout)
+        # the step: sharded forward + backward (reduce-scatter) under the counter
+        with fsdp_lib.CollectiveCounter() as counter:
+            loss = model.loss(_batch(model, [dp], frames, resolution))
+            loss.backward()
+        ref_loss = reference.loss(_batch(reference, range(degree), frames, resolution))
+        ref_loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        torch.testing.assert_close(mean_loss / world, ref_loss.detach(), **MODEL_TOL)
+        params = dict(model.named_parameters())
+        for name, p_ref in zip(names, reference.parameters()):
+            p = params[name]
+            if p_ref.grad is None:
+                assert p.grad is None, f"{arch} {name}: a frozen parameter got a gradient"
+                continue
+            torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, **MODEL_TOL, msg=lambda m: f"{arch} {name}: {m}")
+        # bytes: this rank's shards and what each collective sent, against the analytic counts
+        unit_params = [list(u.parameters()) for u in units]
+        in_units = {id(p) for ps in unit_params for p in ps}
+        unit_params.append([p for p in model.parameters() if id(p) not in in_units])  # the root's own
+        shapes = [[p.shape for p in ps] for ps in unit_params]
+        trains = [[p.requires_grad for p in ps] for ps in unit_params]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        summary[f"{arch}/{mode}/{degree}"] = {
+            "sent": counter.bytes_by_kind,
+            # the ladder runs its frozen image UNet without autograd: those units are not gathered in backward
+            "analytic": fsdp_lib.analytic_fsdp_bytes(shapes, trains, world, element_size=8, in_backward=[
+                any(t) or arch != "mobius-ladder-unet" for t in trains]),
+            "param_bytes": fsdp_lib.local_bytes(model.parameters()),
+            "padded_param_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in model.parameters()),
+            # gradients are shards of the parameters' layout (they live in FSDP's flat reduce-scatter buffers)
+            "grads_sharded": all(p.grad.to_local().shape == p.to_local().shape for p in trainable),
+            "grad_bytes": fsdp_lib.local_bytes(trainable),
+            "padded_grad_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in trainable),
+            "total_param_bytes": 8 * sum(p.numel() for p in reference.parameters()),
+            "frozen_unit_gather_bytes": [8 * (world - 1) * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in ps)
+                                         for ps in unit_params[:-1] if not any(p.requires_grad for p in ps)],
+            "cp": layout.cp,
+            "cp_mode": cp_mode,
+            "cp_sent": cp.counter.bytes_by_kind if cp is not None else {},
+        }
+        # AdamW's state is sharded with the parameters: two moments of the local shard, plus a step count each
+        optimizer = torch.optim.AdamW(trainable)
+        optimizer.step()
+        summary[f"{arch}/{mode}/{degree}"]["optimizer_bytes"] = fsdp_lib.local_bytes(
+            v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        summary[f"{arch}/{mode}/{degree}"]["step_bytes"] = sum(
+            s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+    return summary
+
+
+def _check_bytes(results, world):
+    for key in results[0]:
+        everyone = [r[key] for r in results]
+        for r in everyone:
+            # sharded: one padded shard (ceil(dim0 / W) rows) of every parameter, gradient and AdamW moment
+            assert r["param_bytes"] == r["padded_param_bytes"], key
+            assert r["grads_sharded"] and r["grad_bytes"] == r["padded_grad_bytes"], key
+            assert r["optimizer_bytes"] == 2 * r["padded_grad_bytes"] + r["step_bytes"], key
+            # the padding is all that separates world x a shard from the whole
+            assert r["padded_param_bytes"] * world >= r["total_param_bytes"]
+            assert r["padded_param_bytes"] * world - r["total_param_bytes"] < 8 * world * 200, key
+            expected = dict(r["analytic"])
+            cp = r["cp"]
+            if cp > 1:  # ulysses: q, k, v, o all-to-all; ring: key/value hops point-to-point; both gather tokens
+                expected["all_to_all" if r["cp_mode"] == "ulysses" else "point_to_point"] = r["cp_sent"]["attention"]
+                expected["all_gather"] += r["cp_sent"]["tokens"]
+                # dit-full tiny: 2 layers of 2 heads of 32, hidden 64, 128 tokens, fp64
+                assert r["cp_sent"]["attention"] == 2 * analytic_bytes(r["cp_mode"], batch=1, heads=2, tokens=128,
+                                                                       head_dim=32, world=cp, element_size=8)
+                assert r["cp_sent"]["tokens"] == (cp - 1) * 1 * (128 // cp) * 64 * 8  # (W-1) x a (1, n, 64) shard
+            if key.startswith("mobius-ladder-unet"):
+                # FSDP2 prefetches, in backward, the unit before the earliest one backward runs through: here the
+                # last unit of the frozen image pass, which backward never enters: one extra gather of it
+                extra = r["sent"]["all_gather"] - expected["all_gather"]
+                assert extra in r["frozen_unit_gather_bytes"], key
+                expected["all_gather"] += extra
+            assert r["sent"] == expected, key
+
+
+@pytest.mark.slow
+def test_fsdp_and_fsdp_x_ring_step_equal_one_process(tmp_path):
+    results = run_ranks(functools.partial(_fsdp_equivalence, WORLD2), tmp_path, world=2)
+    _check_bytes(results, 2)
+
+
+@pytest.mark.slow
+def test_fsdp_x_ulysses_on_a_2x2_mesh_equals_one_process(tmp_path):
+    results = run_ranks(functools.partial(_fsdp_equivalence, WORLD4), tmp_path, world=4)
+    _check_bytes(results, 4)
+
+
+def test_analytic_fsdp_bytes_by_hand():
+    # one unit of a (3, 4) weight and a (3,) bias, the root with a (5,) vector, over 2 ranks, fp32:
+    # shards of 2x4 + 2 = 10 and 3 elements; the unit is gathered twice (forward, backward), the root once
+    shapes = [[torch.Size([3, 4]), torch.Size([3])], [torch.Size([5])]]
+    sent = fsdp_lib.analytic_fsdp_bytes(shapes, [[True, False], [True]], 2)
+    assert sent == {"all_gather": 4 * (2 * 10 + 3), "reduce_scatter": 4 * (8 + 3)}
+    assert fsdp_lib.analytic_fsdp_bytes(shapes, [[True, False], [True]], 2, reshard_after_forward=False) == {
+        "all_gather": 4 * (10 + 3), "reduce_scatter": 4 * (8 + 3)}
+
+
+def test_default_fsdp_units_are_the_repeated_blocks():
+    import architectures
+
+    dit = architectures.build("dit-full", "tiny")
+    assert dit.fsdp_units() == list(dit.blocks)
+    unet = architectures.build("serial-unet", "tiny")
+    assert unet.fsdp_units()[:len(unet.unet.down_blocks)] == list(unet.unet.down_blocks)
+    # Mobius calls the blocks' parts, not the blocks: its units are those parts
+    mobius = architectures.build("mobius-unet", "tiny")
+    assert mobius.unet.down_blocks[0].resnets[0] in mobius.fsdp_units()
+    assert mobius.unet.down_blocks[0] not in mobius.fsdp_units()
+
+
+def test_fsdp_needs_torchrun_and_its_settings_need_fsdp(capsys):
+    from stbench.cli import main
+
+    assert main(["run", "--arch", "dit-full", "--device", "cpu", "--fsdp", "2", "--out", "/nonexistent/x"]) == 2
+    assert "stbench: error: --fsdp: needs several processes" in capsys.readouterr().err
+    assert main(["run", "--arch", "dit-full", "--device", "cpu", "--activation-checkpointing", "blocks"]) == 2
+    assert "stbench: error: activation_checkpointing: only with --fsdp N" in capsys.readouterr().err
+
+
+def _launch(tmp_path, world, args, extra_env=None, fixture=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_distributed import _free_port
+
+    port, procs = _free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        head = [str(Path(__file__).parent / "fixtures" / fixture)] if fixture else ["-m", "stbench"]
+        procs.append(subprocess.Popen([sys.executable, *head, "run", *args, "--out", str(tmp_path / "run")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
+@pytest.mark.slow
+def test_run_records_mesh_shards_and_collective_bytes(tmp_path):
+    """`stbench run --fsdp 2 --fsdp-mixed-precision --activation-checkpointing blocks` on 2 processes: the record
+    names its layout, and FSDP's bytes equal the analytic count (bf16 all-gather, fp32 reduce-scatter)."""
+    import architectures
+    from stbench import results
+
+    codes, errs = _launch(tmp_path, 2, ["--arch", "dit-full", "--device", "cpu", "--repeats", "2", "--fsdp", "2",
+                                        "--fsdp-mixed-precision", "--activation-checkpointing", "blocks",
+                                        "--no-progress"])
+    assert codes == [0, 0], errs
+    (r,) = results.read_records(tmp_path / "run")
+    assert r["status"] == "ok" and r["mesh"] == {"fsdp": 2, "cp": 1, "shard_over": "fsdp x cp"}
+    assert (r["fsdp"], r["activation_checkpointing"], r["fsdp_reshard_after_forward"], r["fsdp_mixed_precision"]) \
+        == (2, "blocks", True, True)
+    model = architectures.build("dit-full", "tiny").set_training_mode("temporal")
+    units = [list(u.parameters()) for u in model.fsdp_units()]
+    in_units = {id(p) for ps in units for p in ps}
+    units.append([p for p in model.parameters() if id(p) not in in_units])
+    expected = fsdp_lib.analytic_fsdp_bytes([[p.shape for p in ps] for ps in units],
+                                            [[p.requires_grad for p in ps] for ps in units], 2,
+                                            element_size=4, param_element_size=2)
+    assert r["comm_bytes_by_collective"] == expected
+    assert r["comm_bytes"] == sum(expected.values()) and r["rank_comm_bytes"] == [r["comm_bytes"]] * 2
+    padded = 4 * sum(fsdp_lib.padded_shard_numel(p.shape, 2) for p in model.parameters())
+    assert r["rank_param_bytes"] == [padded, padded] and len(r["rank_host_peak_bytes"]) == 2
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_any_rank_makes_the_case_oom_and_ends_every_rank(tmp_path):
+    from stbench import results
+
+    codes, errs = _launch(tmp_path, 2, ["--arch", "dit-full", "--device", "cpu", "--repeats", "2", "--fsdp", "2",
+                                        "--no-progress"],
+                          {"STBENCH_TEST_OOM_RANK": "1", "STBENCH_DIST_TIMEOUT": "20"}, fixture="oom_fsdp_rank.py")
+    assert all(code != 0 for code in codes), errs
+    for err in errs:  # one line on every rank names the failing rank and the error
+        assert "stbench: error: rank 1 failed in case dit-full-tiny" in err and "[out of memory]" in err, err
+    (record,) = results.read_records(tmp_path / "run")
+    assert record["status"] == "oom" and record["fsdp"] == 2 and record["world_size"] == 2
