@@ -11,41 +11,8 @@ import torch.distributed as dist
 
 from . import results
 from .config import Case
-from .measure import env, memory, sequence, timing
+from .measure import env, memory, sequence
 from .parallel import fsdp as fsdp_lib
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_host_peak() -> int | None:
-    """Reset this process's resident-memory high-water mark (Linux); returns the resident bytes now."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _proc_status_bytes("VmRSS")
-
-
-def timed_with_host_peak(state: dict):
-    """`time_steps` that also stores in state["host_peak"] the resident-memory growth of this rank's timed
-    steps (VmHWM after minus VmRSS before; None where /proc cannot tell)."""
-    def time_steps(fn, repeats, device):
-        before = _reset_host_peak()
-        times = timing.time_steps(fn, repeats, device)
-        peak = _proc_status_bytes("VmHWM")
-        state["host_peak"] = peak - before if before is not None and peak is not None else None
-        return times
-    return time_steps
 
 
 def layout_of(case: Case, world: int) -> fsdp_lib.FSDPLayout:
@@ -115,10 +82,9 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
         state["by_collective"] = dict(counter.bytes_by_kind)
         state["by_kind"] = dict(cp.counter.bytes_by_kind) if cp is not None else {}
 
+    # host_peak_bytes: this rank's resident-memory peak during the timed steps over its RSS before the model
     step = sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare,
-                                 after_warmup=after_warmup, time_steps=timed_with_host_peak(state))
-    if device.type == "cpu":
-        record["host_peak_bytes"] = state.get("host_peak")
+                                 after_warmup=after_warmup, settle=False)  # ranks must run the same steps
     # this rank's shards (padding included), not the global sizes the DTensors report
     record["param_bytes"] = fsdp_lib.local_bytes(step.model.parameters())
     record["grad_bytes"] = fsdp_lib.local_bytes(step.trainable)
