@@ -13,6 +13,7 @@ COMMANDS = {
     "report": ("stbench.report", "render the self-contained HTML report of a run"),
     "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
     "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
+    "train": ("stbench.train", "train architectures on synthetic video data: loss vs steps and wall time"),
 }
 
 

@@ -81,6 +81,7 @@ class Case:
     compile: bool = False
     overrides: tuple[tuple[str, str], ...] = ()  # raw --set pairs, sorted by key
     context_parallel: str | None = None  # "ulysses" | "ring" under torchrun; None on one process
+    weights: str | None = None  # None: random; "trained": the committed checkpoint; else a state dict path
 
     def __post_init__(self):
         try:
@@ -113,6 +114,10 @@ class Case:
                 arch.check_shape(config, self.frames, self.resolution, self.resolution)
             except ValueError as e:
                 raise UserError(f"resolution/frames for {self.arch}: {e}") from None
+        if self.weights is not None:
+            from .weights import validate  # noqa: local, a checkpoint is read only when one is named
+
+            validate(self)
 
     @property
     def override_dict(self) -> dict[str, str]:
@@ -137,7 +142,7 @@ class Case:
         return {"arch": self.arch, "preset": self.preset, "overrides": self.override_dict, "mode": self.mode,
                 "batch": self.batch, "frames": self.frames, "resolution": self.resolution,
                 "dtype": self.dtype, "device": self.device, "compile": self.compile,
-                "context_parallel": self.context_parallel}
+                "context_parallel": self.context_parallel, "weights": self.weights}
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ class Sweep:
     context_parallel: str | None = None
     repeats: int = 5
     warmup: int = 2
+    weights: str | None = None
     cases: tuple[Case, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -170,6 +176,6 @@ class Sweep:
         cases = tuple(
             Case(arch=a, preset=self.preset, mode=self.mode, batch=b, frames=f, resolution=r, dtype=self.dtype,
                  device=self.device, compile=self.compile, overrides=self.overrides,
-                 context_parallel=self.context_parallel)
+                 context_parallel=self.context_parallel, weights=self.weights)
             for a, r, f, b in itertools.product(self.archs, self.resolutions, self.frames, self.batches))
         object.__setattr__(self, "cases", cases)

@@ -15,7 +15,7 @@ RUN_FILE = "run.json"  # beside results.jsonl: the command lines and sweep setti
 
 # The record's field names are a contract (DESIGN.md): suites, report, gate and users' scripts read them.
 IDENTITY_FIELDS = ("arch", "preset", "overrides", "mode", "batch", "frames", "resolution", "dtype", "device",
-                   "compile", "world_size", "context_parallel")
+                   "compile", "world_size", "context_parallel", "weights")
 RECORD_FIELDS = (
     "schema", "arch", "preset", "overrides", "mode", "batch", "frames", "resolution", "dtype", "device", "compile",
     "status", "error",
@@ -24,6 +24,7 @@ RECORD_FIELDS = (
     "saved_activations", "param_bytes", "grad_bytes", "optimizer_bytes",
     "params_total", "params_trainable", "flops_per_step", "tflops", "mfu",
     "warnings", "env", "dsv", "world_size", "context_parallel", "comm_bytes",
+    "weights", "train",
 )
 STATUSES = ("ok", "oom", "error")
 REQUIRED_TEXT = ("arch", "preset", "mode", "dtype", "device", "status")
@@ -54,6 +55,8 @@ def case_slug(record: dict) -> str:
         parts.append("compiled")
     for key, value in sorted((record.get("overrides") or {}).items()):
         parts.append(f"{key}={value}")
+    if record.get("weights"):
+        parts.append(f"weights={Path(record['weights']).stem}")
     if (record.get("world_size") or 1) > 1:
         parts.append(f"{record.get('context_parallel')}x{record['world_size']}")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(str(p) for p in parts))
