@@ -190,3 +190,29 @@ def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
     assert len({results.case_key(r) for r in records}) == 2
     assert records[0]["train"]["steps"] == 400 and records[1]["train"]["steps"] == 3
     assert len(json.loads((out / results.RUN_FILE).read_text())["invocations"]) == 2
+
+
+# --- the report's Training section ------------------------------------------------------------------------
+
+def test_time_to_target_interpolates_between_evaluations():
+    from stbench.report.training import crossing_step, time_to_target
+
+    assert crossing_step([[0, 1.0], [10, 0.8], [20, 0.4]], 0.6) == (15.0, 10, 20)
+    assert crossing_step([[0, 1.0], [10, 0.8]], 0.5) == (None, None, None)
+    record = {"arch": "serial-unet", "overrides": {}, "peak_allocated": None, "saved_activations": 1000,
+              "train": {"eval": [[0, 1.0], [10, 0.8], [20, 0.4]], "wall_ms": [100.0 * (i + 1) for i in range(20)]}}
+    row = time_to_target(record, 0.6)
+    assert row.steps == 15.0 and row.seconds == pytest.approx(1.5)
+    assert row.low == pytest.approx(1.0) and row.high == pytest.approx(2.0)  # constant step times: eval spacing only
+    assert row.peak_bytes == 1000 and row.peak_what == "saved activations"
+
+
+def test_report_has_a_training_section(tmp_path):
+    from stbench.report.render import render_report
+
+    for arch in ("dit-full", "dit-window"):
+        results.append_record(tmp_path / results.RESULTS_FILE, train_case(
+            Case(arch, "tiny", frames=2, resolution=32), steps=4, eval_every=2, heldout=2, lr=3e-3))
+    text = render_report(tmp_path).read_text()
+    assert 'id="training"' in text and "dit-full (reference)" in text
+    assert "dit-window reached held-out loss" in text or "dit-window did not reach held-out loss" in text

@@ -13,7 +13,7 @@ from .. import results
 from ..errors import UserError
 from ..trace import SUMMARY_FILE, load_summary
 from ..units import format_bytes
-from . import figures, verdict
+from . import figures, training, verdict
 
 TRACES_DIR = "traces"
 REPORT_FILE = "report.html"
@@ -183,6 +183,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
         "traces_dir": str(folder / TRACES_DIR),
         "summary_file": SUMMARY_FILE,
         "columns": RECORD_COLUMNS,
+        "training": training.training_section(records),
     }
 
 
