@@ -95,7 +95,7 @@ def _verdict(row: TimeToTarget, ref: TimeToTarget, target: float) -> str:
         return (f"{row.label} did not reach held-out loss {target:.4f} in its training run "
                 f"(final {row.final_loss:.4f}), so it is not cheaper at this quality.")
     text = f"{row.label} reached held-out loss {target:.4f} in {row.seconds:.1f} s ({row.steps:.0f} steps)"
-    if row is ref or ref.seconds is None:
+    if row is ref or not ref.seconds:
         return text + "."
     change = 1 - row.seconds / ref.seconds
     overlap = not (row.high < ref.low or row.low > ref.high)
@@ -134,15 +134,17 @@ def training_section(records: list[dict]) -> dict | None:
         group = sorted(group, key=lambda r: (r["arch"] not in REFERENCES, _label(r)))
         ref = group[0]
         start, final = ref["train"]["eval"][0][1], ref["train"]["eval"][-1][1]
-        target = start - TARGET_FRACTION * (start - final)
+        target = start - TARGET_FRACTION * max(start - final, 0.0)
         rows = [time_to_target(r, target) for r in group]
+        notes = [] if final < start else [f"{_label(ref)} did not lower its held-out loss ({start:.4f} -> "
+                                          f"{final:.4f}): the target is its starting loss, not a quality reached."]
         family, preset, mode, batch, frames, resolution, dtype, device, weights = key
         title = (f"{family} {preset}, mode {mode}, {resolution}px x {frames} frames, batch {batch}, {dtype} on "
                  f"{device}, weights {weights or 'random'}")
         archs = {r["arch"] for r in group}
         groups.append({"title": title, "target": target, "rows": rows, "reference": rows[0].label,
                        "figure": _curves(group, title, target),
-                       "verdicts": [_verdict(row, rows[0], target) for row in rows[1:]],
+                       "verdicts": notes + [_verdict(row, rows[0], target) for row in rows[1:]],
                        "ladder": LADDER_NOTE if "mobius-ladder-unet" in archs else None,
                        "device": device})
     return {"groups": groups, "confidence": CONFIDENCE, "fraction": TARGET_FRACTION}
