@@ -192,5 +192,6 @@ register(Architecture(
     check_shape=check_unet_shape))
 register(Architecture(
     name="mobius-ladder-unet", family="unet", config_cls=UNetConfig, presets=UNET_PRESETS, build=MobiusLadderUNet,
-    description="Mobius decoupled 3D-UNet: frozen per-frame image UNet + motion-module side stream (zero-init bridges)",
+    description="Mobius side-stream reading: frozen per-frame image UNet that never sees temporal features + a "
+                "motion-module side stream (zero-init bridges) added at the output",
     check_shape=check_unet_shape))

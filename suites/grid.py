@@ -31,6 +31,7 @@ OPTIONS = {
     "set": ("STBENCH_SET", "KEY=VALUE config override for every case (repeatable; env: space-separated)"),
     "rounds": ("STBENCH_ROUNDS", "measured rounds per benchmark (default: 10 on the full grid, 5 on tiny)"),
     "warmup": ("STBENCH_WARMUP", "unmeasured warm-up rounds per benchmark (default 2)"),
+    "weights": ("STBENCH_WEIGHTS", "trained | PATH: starting weights of every case (default: random)"),
 }
 DEFAULT_OUT = "runs/suites/results.jsonl"
 
@@ -52,6 +53,7 @@ class GridSpec:
     warmup: int
     out: str
     overrides: tuple[tuple[str, str], ...] = ()  # raw --set pairs, as in stbench.config.Case
+    weights: str | None = None  # as stbench.config.Case.weights
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -101,7 +103,8 @@ def grid_spec(get) -> GridSpec:
         frames=_ints("frames", get("frames"), (8, 16, 24) if full else (4, 8)),
         batches=_ints("batch", get("batch"), (1, 2) if full else (1,)),
         dtype=get("dtype") or ("bf16" if full else "fp32"),
-        rounds=rounds, warmup=warmup, out=get("out") or DEFAULT_OUT, overrides=overrides)
+        rounds=rounds, warmup=warmup, out=get("out") or DEFAULT_OUT, overrides=overrides,
+        weights=get("weights") or None)
 
 
 def env_get(name: str) -> str | None:
@@ -161,9 +164,11 @@ def family_entries(family: str, spec: GridSpec) -> list[GridEntry]:
                     for batch in spec.batches:
                         identity = dict(arch=arch, preset=preset, mode=mode, batch=batch, frames=frames,
                                         resolution=resolution, dtype=spec.dtype, device=spec.device)
-                        slug = case_slug({**identity, "compile": False, "overrides": dict(spec.overrides)})
+                        slug = case_slug({**identity, "compile": False, "overrides": dict(spec.overrides),
+                                          "weights": spec.weights})
                         try:
-                            entries.append(GridEntry(slug, Case(**identity, overrides=spec.overrides)))
+                            entries.append(GridEntry(slug, Case(**identity, overrides=spec.overrides,
+                                                                weights=spec.weights)))
                         except UserError as e:  # e.g. a shape this architecture cannot take
                             entries.append(GridEntry(slug, None, str(e)))
     return entries
