@@ -107,13 +107,15 @@ def test_committed_checkpoints_load_strictly(family, archs):
 
 
 def test_unets_agree_from_the_text_to_image_checkpoint_and_all_learn(tmp_path):
+    from stbench.step import TrainingStep
+
     cases = [Case(a, "tiny", frames=4, batch=2, weights="trained") for a in UNETS]
     first = {}
     for case in cases:
-        from stbench.step import TrainingStep
         step = TrainingStep(case)
         d = data.MovingShapes(data.DatasetConfig(seed=0, frames=4), step.model)
-        first[case.arch] = float(step.model.loss(d.train_batch(0, 2)))
+        with torch.no_grad():
+            first[case.arch] = float(step.model.loss(d.train_batch(0, 2)))
     ref = first["serial-unet"]
     for arch, loss in first.items():
         assert abs(loss - ref) <= SAME_LOSS_TOLERANCE * ref, first
@@ -149,6 +151,8 @@ def test_bad_weights_exit_2_with_one_line(tmp_path, capsys):
     assert "missing" in _bad(base + [str(tmp_path / "partial.pt")], capsys)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     assert "not a torch state dict" in _bad(base + [str(tmp_path / "junk.pt")], capsys)
+    assert "no such file" in _bad(["run", "--arch", "dit-full", "--out", str(tmp_path / "run"), "--weights",
+                                   str(tmp_path / "nope.pt")], capsys)
     assert "--repeats" in _bad(["train", "--arch", "dit-full", "--repeats", "3"], capsys)
     assert "--save" in _bad(["train", "--arch", "dit-full,dit-dsv", "--save", str(tmp_path / "x.pt")], capsys)
     assert not (tmp_path / "run" / results.RESULTS_FILE).exists()
