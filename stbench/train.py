@@ -90,6 +90,8 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
         record["train"]["saved"] = str(save)
     if hasattr(model, "dsv_stats"):  # the sparsity DSV's profiler finds on the trained weights
         record["dsv"] = runner._optional(record, "dsv stats", model.dsv_stats)
+        # per layer, per head: what stage 1 profiled (heads above sparsity_threshold went sparse)
+        record["train"]["dsv_profiled_sparsity"] = [layer.profiled_sparsity.tolist() for layer in model.dsv_layers()]
     # after saving: the FLOP count runs one more (eager) training step
     record["saved_activations"] = runner._optional(record, "saved activations", lambda: activations.saved_activation_bytes(
         model, lambda: step.compute_loss(eager=True)))

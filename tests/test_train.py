@@ -205,9 +205,11 @@ def test_time_to_target_interpolates_between_evaluations():
     assert crossing_step([[0, 1.0], [10, 0.8]], 0.5) == (None, None, None)
     record = {"arch": "serial-unet", "overrides": {}, "peak_allocated": None, "saved_activations": 1000,
               "train": {"eval": [[0, 1.0], [10, 0.8], [20, 0.4]], "wall_ms": [100.0 * (i + 1) for i in range(20)]}}
+    record["flops_per_step"] = 10
     row = time_to_target(record, 0.6)
     assert row.steps == pytest.approx(15.0) and row.seconds == pytest.approx(1.5)
     assert row.low == pytest.approx(1.0) and row.high == pytest.approx(2.0)  # constant step times: eval spacing only
+    assert row.flops == pytest.approx(150)
     assert row.peak_bytes == 1000 and row.peak_what == "saved activations"
 
 

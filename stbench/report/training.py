@@ -30,6 +30,7 @@ class TimeToTarget:
     seconds: float | None
     low: float | None  # CONFIDENCE interval of seconds: eval spacing and step-time noise
     high: float | None
+    flops: float | None  # steps to target x FLOPs per training step: a cost the machine's load cannot change
     peak_bytes: int | None  # allocator peak (CUDA) or, on CPU, the exact saved-for-backward bytes
     peak_what: str
 
@@ -77,17 +78,21 @@ def time_to_target(record: dict, target: float) -> TimeToTarget:
     peak, what = record.get("peak_allocated"), "peak allocated"
     if peak is None:
         peak, what = record.get("saved_activations"), "saved activations"
-    seconds = low = high = None
+    seconds = low = high = flops = None
     if step is not None:
         seconds = _wall_at(train, step)
         steps_ms = np.diff(np.concatenate([[0.0], np.asarray(train["wall_ms"], dtype=float)]))
-        mean_low, mean_high = float(steps_ms.mean()), float(steps_ms.mean())
-        if len(steps_ms) > 2:
+        low_ratio = high_ratio = 1.0
+        if len(steps_ms) > 2 and steps_ms.mean() > 0:
             ci = stats.bootstrap((steps_ms,), np.mean, confidence_level=CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
                                  random_state=0, method="percentile").confidence_interval
-            mean_low, mean_high = float(ci.low), float(ci.high)
-        low, high = low_step * mean_low / 1e3, high_step * mean_high / 1e3
-    return TimeToTarget(record["arch"], _label(record), train["eval"][-1][1], step, seconds, low, high, peak, what)
+            low_ratio, high_ratio = ci.low / steps_ms.mean(), ci.high / steps_ms.mean()
+        # the evaluations around the crossing, widened by the relative interval of the mean step time
+        low, high = _wall_at(train, low_step) * low_ratio, _wall_at(train, high_step) * high_ratio
+        if record.get("flops_per_step"):
+            flops = step * record["flops_per_step"]
+    return TimeToTarget(record["arch"], _label(record), train["eval"][-1][1], step, seconds, low, high, flops,
+                        peak, what)
 
 
 def _verdict(row: TimeToTarget, ref: TimeToTarget, target: float) -> str:
@@ -99,8 +104,12 @@ def _verdict(row: TimeToTarget, ref: TimeToTarget, target: float) -> str:
         return text + "."
     change = 1 - row.seconds / ref.seconds
     overlap = not (row.high < ref.low or row.low > ref.high)
-    word = f"{abs(change):.0%} {'sooner' if change > 0 else 'later'} than {ref.label}"
-    return text + f", {word}" + (" (intervals overlap: not distinguishable)" if overlap else "") + "."
+    text += f", {abs(change):.0%} {'sooner' if change > 0 else 'later'} than {ref.label}"
+    text += " (intervals overlap: not distinguishable)" if overlap else ""
+    if row.flops and ref.flops:
+        fewer = 1 - row.flops / ref.flops
+        text += f"; {abs(fewer):.0%} {'fewer' if fewer > 0 else 'more'} training FLOPs to get there"
+    return text + "."
 
 
 @_styled
