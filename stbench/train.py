@@ -114,6 +114,11 @@ def train_case(case: Case, *, steps: int, eval_every: int, seed: int = 0, lr: fl
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     runner.add_arguments(parser)
+    for action in parser._actions:  # run's flags that train refuses stay out of --help
+        if action.dest in RUN_ONLY:
+            action.help = argparse.SUPPRESS
+        elif action.dest == "out":
+            action.help = "run folder (default: runs/train-<UTC time>)"
     parser.add_argument("--steps", type=int, default=200, help="training steps per case (default 200)")
     parser.add_argument("--eval-every", type=int, default=50,
                         help="held-out loss every K steps, and at step 0 and the last step (default 50)")
