@@ -174,7 +174,7 @@ def test_save_then_load_roundtrip(tmp_path):
 def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "stbench", "train", "--arch", "dit-full,dit-window", "--frames", "2",
-            "--resolution", "32", "--steps", "400", "--eval-every", "400", "--heldout", "2", "--no-progress",
+            "--resolution", "32", "--steps", "60", "--eval-every", "60", "--heldout", "2", "--no-progress",
             "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -192,7 +192,7 @@ def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
     records = results.read_records(path)
     assert sorted(r["arch"] for r in records) == ["dit-full", "dit-window"]
     assert len({results.case_key(r) for r in records}) == 2
-    assert records[0]["train"]["steps"] == 400 and records[1]["train"]["steps"] == 3
+    assert records[0]["train"]["steps"] == 60 and records[1]["train"]["steps"] == 3
     assert len(json.loads((out / results.RUN_FILE).read_text())["invocations"]) == 2
 
 
