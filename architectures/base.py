@@ -8,7 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 LATENT_SCALE = 8  # pixels per latent cell (the SD VAE's downsampling)
-TRAINING_MODES = ("temporal", "full")
+TRAINING_MODES = ("temporal", "full", "image")
 NUM_TRAIN_TIMESTEPS = 1000
 OBJECTIVES = ("eps", "v", "flow")  # noise, velocity (v) prediction on the DDPM schedule; rectified flow
 
@@ -118,6 +118,10 @@ class VideoModel(nn.Module):
         )
         return out.to(device=device, dtype=dtype)
 
+    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+        """(B, C, F, h, w) of the latents a `frames` x `height` x `width` clip encodes to (the VAE's compression)."""
+        return (batch, self.latent_channels, frames, height // LATENT_SCALE, width // LATENT_SCALE)
+
     def add_noise(self, latents, noise, timesteps):  # -> (B, C, F, h, w)
         if self.objective == "flow":  # rectified flow: x_t = (1 - sigma) x_0 + sigma noise, sigma = t / T
             sigma = (timesteps.to(latents.dtype) / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1, 1, 1)
@@ -146,11 +150,13 @@ class VideoModel(nn.Module):
         return groups
 
     def set_training_mode(self, mode: str) -> "VideoModel":
-        """`temporal`: spatial (text-to-image) weights frozen; `full`: everything trains."""
+        """`temporal`: spatial (text-to-image) weights frozen; `full`: everything trains; `image`: only the
+        spatial weights train (text-to-image pretraining: motion modules and other additions stay at init)."""
         if mode not in TRAINING_MODES:
             raise ValueError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
         for name, p in self.named_parameters():
-            p.requires_grad_(mode == "full" or self.group_of(name) != "spatial")
+            spatial = self.group_of(name) == "spatial"
+            p.requires_grad_(mode == "full" or (spatial if mode == "image" else not spatial))
         self.training_mode = mode
         return self
 

@@ -5,9 +5,11 @@ T (motion module or temporal conv/attention): `h = T(S(h))`. Weights are random;
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.profiler import record_function
 
@@ -30,6 +32,7 @@ class UNetConfig:
     temporal_transformer_layers_per_block: int = 1
     use_motion_mid_block: bool = True  # AnimateDiff v1.5 v2 (mm_sd_v15_v2) has a mid-block motion module
     zero_init_temporal: bool = True  # motion modules' proj_out starts at zero: the video model = the image model
+    spatial_checkpointing: bool = False  # recompute resnets + spatial transformers in backward (saves activations)
 
     @property
     def levels(self) -> int:
@@ -79,6 +82,21 @@ def motion_modules(unet) -> list[nn.Module]:
     return [m for block in blocks for m in getattr(block, "motion_modules", [])]
 
 
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_spatial_layers(unet) -> None:
+    """Activation checkpointing of every resnet and spatial transformer: backward recomputes them from their
+    inputs instead of keeping their intermediates. (diffusers' own gradient checkpointing wraps whole blocks,
+    motion modules included, so it is not this.)"""
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for module in [*block.resnets, *(getattr(block, "attentions", None) or [])]:
+            module.forward = functools.partial(_recomputed, module.forward)
+
+
 def check_unet_shape(config, frames: int, height: int, width: int) -> None:
     """Latents must halve cleanly at every downsampler; motion modules know at most motion_max_seq_length frames."""
     factor = LATENT_SCALE * 2 ** (len(config.block_out_channels) - 1)
@@ -124,6 +142,8 @@ class SerialUNet(VideoModel):
     def __init__(self, config: UNetConfig):
         super().__init__(config)
         self.unet = build_motion_unet(config)
+        if config.spatial_checkpointing:
+            checkpoint_spatial_layers(self.unet)
         self._regions = ProfilerRegions(motion_modules(self.unet))
 
     @property

@@ -16,6 +16,7 @@ COMMANDS = {
     "list": ("stbench.listing", "list architectures: family, presets with parameter counts, attention, modes"),
     "predict": ("stbench.predict.command", "predict peak memory and step time on named GPUs, without a GPU"),
     "attention": ("stbench.attention_bench", "time sparse attention backends against SDPA (forward+backward)"),
+    "train": ("stbench.train", "train architectures on synthetic video data: loss vs steps and wall time"),
 }
 
 

@@ -99,6 +99,7 @@ class Case:
     activation_checkpointing: str | None = None  # none | blocks | spatial
     fsdp_reshard_after_forward: bool | None = None
     fsdp_mixed_precision: bool | None = None  # bf16 params, fp32 reduce (FSDP's MixedPrecisionPolicy)
+    weights: str | None = None  # None: random; "trained": the committed checkpoint; else a state dict path
 
     def __post_init__(self):
         try:
@@ -134,6 +135,10 @@ class Case:
                 arch.check_shape(config, self.frames, self.resolution, self.resolution)
             except ValueError as e:
                 raise UserError(f"resolution/frames for {self.arch}: {e}") from None
+        if self.weights is not None:
+            from .weights import validate  # noqa: local, a checkpoint is read only when one is named
+
+            validate(self)
 
     def _check_fsdp(self) -> None:
         if self.fsdp is None:
@@ -205,6 +210,7 @@ class Sweep:
     fsdp_mixed_precision: bool | None = None
     repeats: int = 5
     warmup: int = 2
+    weights: str | None = None
     cases: tuple[Case, ...] = field(init=False, repr=False, compare=False)
 
     def settings(self) -> dict:
@@ -225,6 +231,7 @@ class Sweep:
                  context_parallel=self.context_parallel, fsdp=self.fsdp,
                  activation_checkpointing=self.activation_checkpointing,
                  fsdp_reshard_after_forward=self.fsdp_reshard_after_forward,
-                 fsdp_mixed_precision=self.fsdp_mixed_precision)
+                 fsdp_mixed_precision=self.fsdp_mixed_precision,
+                 weights=self.weights)
             for a, r, f, b in itertools.product(self.archs, self.resolutions, self.frames, self.batches))
         object.__setattr__(self, "cases", cases)

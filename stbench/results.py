@@ -50,6 +50,7 @@ class Record:
     activation_checkpointing: typing.Optional[str] = field(default=None, metadata=IDENTITY)  # none|blocks|spatial
     fsdp_reshard_after_forward: typing.Optional[bool] = field(default=None, metadata=IDENTITY)
     fsdp_mixed_precision: typing.Optional[bool] = field(default=None, metadata=IDENTITY)  # bf16 params, fp32 reduce
+    weights: typing.Optional[str] = field(default=None, metadata=IDENTITY)  # None: random; "trained"; a path
     status: str = ""  # ok | oom | error
     error: typing.Optional[str] = None
     # time (milliseconds): statistics of the measured steps, raw samples kept
@@ -142,6 +143,8 @@ def case_slug(record: dict) -> str:
         parts.append("compiled")
     for key, value in sorted((record.get("overrides") or {}).items()):
         parts.append(f"{key}={value}")
+    if record.get("weights"):
+        parts.append(f"weights={Path(record['weights']).stem}")
     if (record.get("world_size") or 1) > 1 and record.get("context_parallel"):
         parts.append(f"{record.get('context_parallel')}x{record['world_size']}")
     if record.get("fsdp"):

@@ -54,11 +54,16 @@ def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path |
     record["warmup"] = warmup
     if warmup < 2:
         record["warnings"].append(f"warm-up of {warmup} step(s): first steps pay allocation and autotuning")
+    return run_guarded(case, record, lambda: sequence.measure_case(
+        case, record, repeats=repeats, warmup=warmup, time_steps=time_steps, trace_dir=trace_dir))
+
+
+def run_guarded(case: Case, record: dict, measure) -> dict:
+    """`measure()` on the case's device; OOM becomes status 'oom', any other exception status 'error'."""
     try:
         # CUDA events and streams belong to the current device: make it the case's device
         with torch.cuda.device(case.device) if case.device.startswith("cuda") else contextlib.nullcontext():
-            sequence.measure_case(case, record, repeats=repeats, warmup=warmup, time_steps=time_steps,
-                                  trace_dir=trace_dir)
+            measure()
     except Exception as e:  # noqa: BLE001 - a failed case is a result; KeyboardInterrupt still stops the sweep
         if memory.is_out_of_memory(e):
             record["status"] = "oom"
@@ -118,13 +123,17 @@ def _signal_name(code: int) -> str:
     return f"exit code {code}"
 
 
-def run_case_isolated(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None) -> dict:
-    """`run_case` in a child process: a crash (segfault, os._exit, killed for memory) becomes status 'error'."""
+def run_case_isolated(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path | None = None,
+                      target: str | None = None, options: dict | None = None) -> dict:
+    """`run_case` in a child process: a crash (segfault, os._exit, killed for memory) becomes status 'error'.
+
+    `target` ("module:function", called as function(case, **options) with JSON-able options) replaces run_case.
+    """
     with tempfile.TemporaryDirectory(prefix="stbench-case-") as tmp:
         job, result, log = Path(tmp, "job.json"), Path(tmp, "result.json"), Path(tmp, "child.log")
         job.write_text(json.dumps({"case": _case_to_json(case), "repeats": repeats, "warmup": warmup,
                                    "trace_dir": str(trace_dir) if trace_dir else None, "result": str(result),
-                                   "plugins": _plugin_modules(case)}))
+                                   "plugins": _plugin_modules(case), "target": target, "options": options}))
         with open(log, "wb") as out:
             child = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "stbench.runner", "--child",
                                       str(job)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -156,7 +165,11 @@ def _child_main(job_path: str) -> int:
     case = _case_from_json(job["case"])
     trace_dir = Path(job["trace_dir"]) if job["trace_dir"] else None
     try:
-        record = run_case(case, repeats=job["repeats"], warmup=job["warmup"], trace_dir=trace_dir)
+        if job.get("target"):
+            module, _, name = job["target"].partition(":")
+            record = getattr(importlib.import_module(module), name)(case, **(job["options"] or {}))
+        else:
+            record = run_case(case, repeats=job["repeats"], warmup=job["warmup"], trace_dir=trace_dir)
     except KeyboardInterrupt:  # the terminal's Ctrl-C reaches the whole process group
         return INTERRUPTED
     tmp = Path(job["result"] + ".tmp")
@@ -179,9 +192,11 @@ def _figures(record: dict) -> str:
 
 
 def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = False, trace: bool = False,
-              progress: bool = True, command: str | None = None, rounds: int = 1, seed: int = 0) -> list[dict]:
+              progress: bool = True, command: str | None = None, rounds: int = 1, seed: int = 0, case_fn=None,
+              case_options: dict | None = None) -> list[dict]:
     """Run every case of `sweep` not yet in `out/results.jsonl`; each record is appended as it finishes.
 
+    `case_fn(case, **case_options) -> record` (a module-level function) replaces run_case, e.g. stbench.train.
     Returns the records measured by this call (not those skipped on resume).
     """
     from tqdm import tqdm
@@ -193,6 +208,10 @@ def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = 
     done = results.recorded_keys(path)
     todo = [c for c in sweep.cases if c.key not in done]
     measure = run_case_isolated if isolate else run_case
+    if case_fn is not None:
+        target = f"{case_fn.__module__}:{case_fn.__name__}"
+        measure = (lambda case, **_: run_case_isolated(case, target=target, options=case_options)) if isolate \
+            else (lambda case, **_: case_fn(case, **(case_options or {})))
     trace_dir = out / runfolder.TRACES_DIR if trace else None
     measured = []
     if rounds > 1:
@@ -269,6 +288,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every case --repeats steps per "
                         "round, in a shuffled order, samples pooled (default 1)")
     parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the --rounds order (default 0)")
+    parser.add_argument("--weights", default=None, metavar="trained|PATH",
+                        help="start from the committed checkpoint of the family and preset, or a state dict file "
+                             "(default: random weights)")
 
 
 def sweep_from_args(args: argparse.Namespace) -> Sweep:
@@ -283,7 +305,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
                  frames=_int_list(args.frames, "frames"), batches=_int_list(args.batch, "batch"),
                  preset=args.preset, mode=args.mode, dtype=dtype, device=device, compile=args.compile,
                  overrides=parse_set_options(args.set), context_parallel=args.context_parallel,
-                 repeats=args.repeats, warmup=args.warmup, **_fsdp_settings(args))
+                 repeats=args.repeats, warmup=args.warmup, weights=getattr(args, "weights", None), **_fsdp_settings(args))
 
 
 def _fsdp_settings(args: argparse.Namespace) -> dict:

@@ -26,6 +26,10 @@ class TrainingStep:
             torch._dynamo.reset()
         torch.manual_seed(seed)
         self.model = case.build_model(self.device)
+        if case.weights is not None:
+            from .weights import load_weights  # noqa: local, a checkpoint is read only when one is named
+
+            load_weights(self.model, case)
         self.model.set_training_mode(case.mode)
         self.model.train()
         self.trainable = self.model.trainable_parameters()

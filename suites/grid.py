@@ -41,6 +41,7 @@ OPTIONS = {
     "set": ("STBENCH_SET", "KEY=VALUE config override for every case (repeatable; env: space-separated)"),
     "rounds": ("STBENCH_ROUNDS", "measured rounds per benchmark (default: 10 on the full grid, 5 on tiny)"),
     "warmup": ("STBENCH_WARMUP", "unmeasured warm-up rounds per benchmark (default 2)"),
+    "weights": ("STBENCH_WEIGHTS", "trained | PATH: starting weights of every case (default: random)"),
 }
 DEFAULT_OUT = "runs/suites/results.jsonl"
 
@@ -63,6 +64,7 @@ class GridSpec:
     out: str
     overrides: tuple[tuple[str, str], ...] = ()  # raw --set pairs, as in stbench.config.Case
     native_shapes: bool = True  # no resolution/frames given: the video transformers use NATIVE_SHAPES
+    weights: str | None = None  # as stbench.config.Case.weights
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -113,7 +115,8 @@ def grid_spec(get) -> GridSpec:
         batches=_ints("batch", get("batch"), (1, 2) if full else (1,)),
         dtype=get("dtype") or ("bf16" if full else "fp32"),
         rounds=rounds, warmup=warmup, out=get("out") or DEFAULT_OUT, overrides=overrides,
-        native_shapes=get("resolution") is None and get("frames") is None)
+        native_shapes=get("resolution") is None and get("frames") is None,
+        weights=get("weights") or None)
 
 
 def env_get(name: str) -> str | None:
@@ -176,9 +179,11 @@ def family_entries(family: str, spec: GridSpec) -> list[GridEntry]:
                     for batch in spec.batches:
                         identity = dict(arch=arch, preset=preset, mode=mode, batch=batch, frames=frames,
                                         resolution=resolution, dtype=spec.dtype, device=spec.device)
-                        slug = case_slug({**identity, "compile": False, "overrides": dict(spec.overrides)})
+                        slug = case_slug({**identity, "compile": False, "overrides": dict(spec.overrides),
+                                          "weights": spec.weights})
                         try:
-                            entries.append(GridEntry(slug, Case(**identity, overrides=spec.overrides)))
+                            entries.append(GridEntry(slug, Case(**identity, overrides=spec.overrides,
+                                                                weights=spec.weights)))
                         except UserError as e:  # e.g. a shape this architecture cannot take
                             entries.append(GridEntry(slug, None, str(e)))
     return entries

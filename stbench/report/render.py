@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..runfolder import REPORT_FILE, TRACES_DIR, find_traces, read_run_info, run_folder
 from ..trace import SUMMARY_FILE
 from ..units import format_bytes
-from . import attention, figures, predicted, recommend, verdict
+from . import attention, figures, predicted, recommend, training, verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
 ENV_FIELDS = ("torch", "cuda", "gpu", "driver", "cpu", "cpu_threads", "host", "git_sha", "git_dirty", "stbench")
@@ -138,6 +138,7 @@ def build_context(run: str | os.PathLike, *, baseline: str | os.PathLike | None 
         "summary_file": SUMMARY_FILE,
         "columns": RECORD_COLUMNS,
         "attention": attention.section(attention_records),
+        "training": training.training_section(records),
     }
 
 
