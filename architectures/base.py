@@ -118,10 +118,6 @@ class VideoModel(nn.Module):
         )
         return out.to(device=device, dtype=dtype)
 
-    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
-        """(B, C, F, h, w) of the latents a `frames` x `height` x `width` clip encodes to (the VAE's compression)."""
-        return (batch, self.latent_channels, frames, height // LATENT_SCALE, width // LATENT_SCALE)
-
     def add_noise(self, latents, noise, timesteps):  # -> (B, C, F, h, w)
         if self.objective == "flow":  # rectified flow: x_t = (1 - sigma) x_0 + sigma noise, sigma = t / T
             sigma = (timesteps.to(latents.dtype) / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1, 1, 1)

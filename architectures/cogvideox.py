@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import Architecture, register
-from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
-                                 video_grid)
+from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
+                                 register_video_transformer, video_grid)
 
 
 @dataclass(frozen=True)
@@ -107,9 +106,6 @@ PRESETS = {
                snr_shift_scale=1.0, block_size=128),
 }
 
-register(Architecture(
-    name="cogvideox", family="video-transformer", config_cls=CogVideoXConfig,
-    presets={name: (lambda sizes=sizes: CogVideoXConfig(**sizes)) for name, sizes in PRESETS.items()},
-    build=CogVideoX,
-    description="CogVideoX 1.0 (diffusers CogVideoXTransformer3DModel): joint text-video 3D attention, v-prediction",
-    check_shape=check_shape, modes=VIDEO_TRANSFORMER_MODES, attention=("full", "window", "dsv")))
+register_video_transformer("cogvideox", CogVideoXConfig, PRESETS, CogVideoX,
+                           "CogVideoX 1.0 (diffusers CogVideoXTransformer3DModel): joint text-video 3D attention, v-prediction",
+                           check_shape)

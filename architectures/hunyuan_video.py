@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import Architecture, register
-from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
-                                 video_grid)
+from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
+                                 register_video_transformer, video_grid)
 
 GUIDANCE = 6.0  # the distilled guidance the released T2V model is sampled with (pipeline default), x1000
 
@@ -85,10 +84,7 @@ PRESETS = {
     "13b": dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40, block_size=128),
 }
 
-register(Architecture(
-    name="hunyuan-video", family="video-transformer", config_cls=HunyuanVideoConfig,
-    presets={name: (lambda sizes=sizes: HunyuanVideoConfig(**sizes)) for name, sizes in PRESETS.items()},
-    build=HunyuanVideo,
-    description="HunyuanVideo (diffusers HunyuanVideoTransformer3DModel): dual- then single-stream joint "
-                "text-video attention, flow matching",
-    check_shape=check_shape, modes=VIDEO_TRANSFORMER_MODES, attention=("full", "window", "dsv")))
+register_video_transformer("hunyuan-video", HunyuanVideoConfig, PRESETS, HunyuanVideo,
+                           "HunyuanVideo (diffusers HunyuanVideoTransformer3DModel): dual- then single-stream joint "
+                           "text-video attention, flow matching",
+                           check_shape)

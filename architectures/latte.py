@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import Architecture, register
-from .video_transformers import DiffusersVideoModel, SwapSettings, check_latent_shape
+from .base import TRAINING_MODES
+from .video_transformers import DiffusersVideoModel, SwapSettings, check_latent_shape, register_video_transformer
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,7 @@ PRESETS = {
     "xl": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, video_length=16, sample_size=64),
 }
 
-register(Architecture(
-    name="latte", family="video-transformer", config_cls=LatteConfig,
-    presets={name: (lambda sizes=sizes: LatteConfig(**sizes)) for name, sizes in PRESETS.items()}, build=Latte,
-    description="Latte-1 (diffusers LatteTransformer3DModel): serial spatial then temporal transformer blocks, "
-                "eps-prediction",
-    check_shape=check_shape, attention=("full", "window", "dsv")))
+register_video_transformer("latte", LatteConfig, PRESETS, Latte,
+                           "Latte-1 (diffusers LatteTransformer3DModel): serial spatial then temporal transformer blocks, "
+                           "eps-prediction",
+                           check_shape, modes=TRAINING_MODES)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import Architecture, register
-from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
-                                 video_grid)
+from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
+                                 register_video_transformer, video_grid)
 
 FRAME_RATE = 25  # the pipeline's default; RoPE positions are scaled by (temporal compression / fps, 32, 32)
 
@@ -72,10 +71,7 @@ PRESETS = {
     "2b": dict(num_attention_heads=32, attention_head_dim=64, num_layers=28, block_size=128),
 }
 
-register(Architecture(
-    name="ltx-video", family="video-transformer", config_cls=LTXVideoConfig,
-    presets={name: (lambda sizes=sizes: LTXVideoConfig(**sizes)) for name, sizes in PRESETS.items()},
-    build=LTXVideo,
-    description="LTX-Video 0.9 (diffusers LTXVideoTransformer3DModel): full 3D attention on a /32 x /8 latent, "
-                "flow matching",
-    check_shape=check_shape, modes=VIDEO_TRANSFORMER_MODES, attention=("full", "window", "dsv")))
+register_video_transformer("ltx-video", LTXVideoConfig, PRESETS, LTXVideo,
+                           "LTX-Video 0.9 (diffusers LTXVideoTransformer3DModel): full 3D attention on a /32 x /8 latent, "
+                           "flow matching",
+                           check_shape)

@@ -10,6 +10,7 @@ import torch
 from .attention.dsv_stages import DSVSettings, DSVStages
 from .attention.processors import ATTENTION_CHOICES, SwappedAttnProcessor, install_attention
 from .base import VideoModel
+from .registry import Architecture, register
 
 VIDEO_TRANSFORMER_MODES = ("full",)  # one 3D attention per block: no temporal part to train alone
 
@@ -100,3 +101,12 @@ class DiffusersVideoModel(DSVStages, VideoModel):
 
 def video_grid(grid):  # the grid a full 3D self-attention sees: every video token of the sample
     return grid
+
+
+def register_video_transformer(name: str, config_cls, presets: dict[str, dict], build, description: str,
+                               check_shape, modes: tuple[str, ...] = VIDEO_TRANSFORMER_MODES) -> None:
+    """Register one diffusers video transformer: presets are size overrides of its config dataclass."""
+    register(Architecture(
+        name=name, family="video-transformer", config_cls=config_cls,
+        presets={preset: (lambda sizes=sizes: config_cls(**sizes)) for preset, sizes in presets.items()},
+        build=build, description=description, check_shape=check_shape, modes=modes, attention=ATTENTION_CHOICES))

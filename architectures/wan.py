@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import Architecture, register
-from .video_transformers import (VIDEO_TRANSFORMER_MODES, DiffusersVideoModel, SwapSettings, check_latent_shape,
-                                 video_grid)
+from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
+                                 register_video_transformer, video_grid)
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,6 @@ PRESETS = {
     "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, block_size=128),
 }
 
-register(Architecture(
-    name="wan", family="video-transformer", config_cls=WanConfig,
-    presets={name: (lambda sizes=sizes: WanConfig(**sizes)) for name, sizes in PRESETS.items()}, build=Wan,
-    description="Wan2.1 T2V (diffusers WanTransformer3DModel): full 3D attention + text cross-attention, flow matching",
-    check_shape=check_shape, modes=VIDEO_TRANSFORMER_MODES, attention=("full", "window", "dsv")))
+register_video_transformer("wan", WanConfig, PRESETS, Wan,
+                           "Wan2.1 T2V (diffusers WanTransformer3DModel): full 3D attention + text cross-attention, flow matching",
+                           check_shape)

@@ -142,11 +142,14 @@ class LatentEncoder:
     not trained: it preserves colour, position and motion at latent resolution, as a VAE's latents do.
     """
 
-    def __init__(self, latent_shape: tuple[int, ...], frames: int, resolution: int):
+    def __init__(self, latent_shape: tuple[int, ...], frames: int, resolution: int, causal: bool = False):
         _, self.channels, self.frames, self.h, self.w = latent_shape
-        if frames % self.frames or resolution % self.h or resolution % self.w:
+        # A causal video VAE (Wan, CogVideoX, ...) encodes the first frame alone, then groups of tf frames:
+        # F = 1 + (f - 1) tf. Its first latent frame reads tf - 1 copies of frame 0 before frame 0 itself.
+        self.pad = (frames - 1) // (self.frames - 1) - 1 if causal and self.frames > 1 else 0
+        if (frames + self.pad) % self.frames or resolution % self.h or resolution % self.w:
             raise ValueError(f"latent shape {latent_shape} does not divide a {frames}x{resolution}x{resolution} clip")
-        self.tf, self.sh, self.sw = frames // self.frames, resolution // self.h, resolution // self.w
+        self.tf, self.sh, self.sw = (frames + self.pad) // self.frames, resolution // self.h, resolution // self.w
         patch = 3 * self.tf * self.sh * self.sw
         if self.channels > patch:
             raise ValueError(f"{self.channels} latent channels exceed the {patch} values of a pixel patch")
@@ -162,6 +165,8 @@ class LatentEncoder:
 
     def encode(self, clips: torch.Tensor) -> torch.Tensor:  # (N, 3, F, H, W) -> (N, C, f, h, w)
         n = clips.shape[0]
+        if self.pad:
+            clips = torch.cat([clips[:, :, :1].expand(-1, -1, self.pad, -1, -1), clips], dim=2)  # causal front pad
         x = clips.reshape(n, 3, self.frames, self.tf, self.h, self.sh, self.w, self.sw)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(n, self.frames, self.h, self.w, -1)  # (N, f, h, w, P)
         z = (x @ self.projection - self.shift) / self.scale  # (N, f, h, w, C)
@@ -178,7 +183,8 @@ class MovingShapes:
     def __init__(self, config: DatasetConfig, model):
         self.config = config
         shape = model.latent_shape(1, config.frames, config.resolution, config.resolution)
-        self.encoder = LatentEncoder(shape, config.frames, config.resolution)
+        self.encoder = LatentEncoder(shape, config.frames, config.resolution,
+                                     causal=getattr(model, "temporal_compression", 1) > 1)
         self.encoder.calibrate(torch.stack([self.clip("calibration", i) for i in range(CALIBRATION_CLIPS)]))
         self.text = TextEmbedder(model.text_tokens, model.text_dim)
 

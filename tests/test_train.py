@@ -68,6 +68,21 @@ def test_encoder_asks_the_model_for_its_latent_shape():
     assert batch.latents.shape == (3, 16, 2, 4, 4) and batch.text.shape == (3, 8, 12)
 
 
+def test_causal_vae_latents_read_the_first_frame_alone():
+    """Wan's 4x causal VAE: 9 frames -> 3 latent frames; the first latent frame depends on frame 0 only."""
+    with torch.device("meta"):
+        shape = architectures.build("wan", "tiny").latent_shape(1, 9, 32, 32)
+    assert shape == (1, 16, 3, 4, 4)
+    encoder = data.LatentEncoder(shape, 9, 32, causal=True)
+    clips = torch.rand(1, 3, 9, 32, 32)
+    changed = clips.clone()
+    changed[:, :, 1:] = 0.0  # every frame but the first
+    first, other = encoder.encode(clips), encoder.encode(changed)
+    assert first.shape == (1, 16, 3, 4, 4)
+    torch.testing.assert_close(first[:, :, 0], other[:, :, 0])
+    assert not torch.allclose(first[:, :, 1:], other[:, :, 1:])
+
+
 # --- starting weights, spatial checkpointing -------------------------------------------------------------
 
 def test_spatial_checkpointing_saves_activations_and_keeps_gradients():

@@ -50,7 +50,12 @@ def test_every_tiny_preset_trains_a_step_with_each_attention(arch, attention):
     swapped = [m for m in model.modules() if isinstance(m, SwappedAttnProcessor)]
     assert (len(swapped) > 0) == (attention != "full")
     if attention == "dsv":
-        assert any(n.endswith("q_estimator") for n in changed)  # the estimator trains
+        # the estimators train on their own loss and optimizer in stage 1 (in stage 2 only at re-profiling)
+        dense = tiny(arch, attention="dsv")
+        estimators = {n: p.detach().clone() for n, p in dense.named_parameters() if n.endswith("q_estimator")}
+        dense.loss(dense.make_batch(1, frames, res, res))
+        assert estimators and any(not torch.equal(p, estimators[n]) for n, p in dense.named_parameters()
+                                  if n in estimators)
         if arch != "latte":  # latte's per-frame and per-position sequences are single DSV blocks
             assert any(bool(layer.last_sparse_heads.any()) for layer in model.dsv_layers())
             stats = model.dsv_stats()
