@@ -233,13 +233,13 @@ def latest_per_case(records: Iterable[dict]) -> list[dict]:
 
 
 def to_frame(records: Iterable[dict]):
-    """Records -> DataFrame, one row per record, every schema field a column (object dtype: values as written,
-    None stays None), plus `case_key`."""
+    """Records -> DataFrame, one row per record, every schema field a column, plus `case_key`. Object dtype from
+    the start: values stay as written (exact integer bytes stay integers, a missing value is None, not NaN)."""
     import pandas as pd
 
     records = list(records)
     extra = sorted({k for r in records for k in r} - set(RECORD_FIELDS))
-    frame = pd.DataFrame.from_records(records, columns=list(RECORD_FIELDS) + extra).astype(object)
+    frame = pd.DataFrame(records, columns=list(RECORD_FIELDS) + extra, dtype=object)
     frame = frame.where(frame.notna(), None) if len(frame) else frame
     frame["case_key"] = [case_key(r) for r in records]
     return frame
