@@ -269,6 +269,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (repeatable); recorded in the results")
     parser.add_argument("--trace", action="store_true", help="also write a torch.profiler trace per case")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="with --trace: also record memory events and tensor shapes (traces grow several times)")
     parser.add_argument("--isolate", action="store_true", help="run each case in a child process")
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/run-<UTC time>)")
@@ -341,6 +343,10 @@ def execute(args: argparse.Namespace) -> int:
     if sweep.context_parallel is not None:  # one process would measure a plain step under a parallel name
         raise UserError("--context-parallel: needs several processes; launch with "
                         "torchrun --nproc-per-node N -m stbench run ...")
+    if getattr(args, "trace_memory", False):
+        if not args.trace:
+            raise UserError("--trace-memory: only with --trace")
+        os.environ[sequence.TRACE_MEMORY_ENV] = "1"
     argv = getattr(args, "argv", None)
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
     records = run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, trace=args.trace,

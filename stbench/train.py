@@ -31,7 +31,7 @@ TIMED_AFTER = 2  # step_ms_* summarise steps after the first two (allocation, la
 # run's flags that train does not take, with their defaults
 RUN_ONLY = {"repeats": 5, "warmup": 2, "trace": False, "context_parallel": None, "rounds": 1, "shuffle_seed": 0,
             "fsdp": None, "activation_checkpointing": None, "fsdp_reshard_after_forward": None,
-            "fsdp_mixed_precision": False}
+            "fsdp_mixed_precision": False, "trace_memory": False}
 
 
 def heldout_loss(model: VideoModel, batches, autocast) -> float:

@@ -67,16 +67,21 @@ def test_trace_hook_writes_per_case_folder(toy_case, tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_profile(step_fn, out_dir, *, device, wait=1, warmup=1, active=3):
+    def fake_profile(step_fn, out_dir, *, device, wait=1, warmup=1, active=3, profile_memory=False):
         step_fn()
         seen.update(out_dir=out_dir, device=device)
+        memory.append(profile_memory)
         return {"regions": {}}
 
+    memory = []
     monkeypatch.setattr(stbench.trace, "profile_training_steps", fake_profile)
     record = runner.run_case(toy_case(), repeats=2, trace_dir=tmp_path)
     assert record["status"] == "ok"
     assert seen == {"out_dir": tmp_path / results.case_slug(record), "device": "cpu"}
     assert record["trace"] == str(tmp_path / results.case_slug(record))
+    monkeypatch.setenv("STBENCH_TRACE_MEMORY", "1")  # what run --trace --trace-memory sets (children inherit it)
+    runner.run_case(toy_case(batch=2), repeats=2, trace_dir=tmp_path)
+    assert memory == [False, True]  # memory events only when asked: they multiply a trace's size
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ gather across ranks) measure through `measure_case`, so the two cannot drift apa
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +13,7 @@ import torch
 
 from . import activations, flops, host, load, memory, nvml, timing
 
+TRACE_MEMORY_ENV = "STBENCH_TRACE_MEMORY"  # "1": traces also hold memory events and shapes (run --trace-memory)
 TRACE_STEPS = 1  # profiled steps per case: one serial-unet tiny 64px step is ~4.6 MB of trace, three were 13.8 MB
 
 
@@ -97,8 +99,10 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
         from ..trace import profile_training_steps
 
         folder = Path(trace_dir) / case_slug(record)
+        # an environment variable, so that --isolate's child processes inherit the choice
+        with_memory = os.environ.get(TRACE_MEMORY_ENV) == "1"
         if soft(record, "trace", lambda: profile_training_steps(step, folder, device=case.device,
-                                                                active=TRACE_STEPS)):
+                                                                active=TRACE_STEPS, profile_memory=with_memory)):
             record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
 
     # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.
