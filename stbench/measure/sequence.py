@@ -56,7 +56,6 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     if device.type == "cuda":
         _cuda_context(device, record)
 
-    host_baseline = host.resident_bytes() if device.type == "cpu" else None
     step = TrainingStep(case)
     model = step.model
     timed = prepare(step) if prepare is not None else step
@@ -74,10 +73,8 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     if after_warmup is not None:
         after_warmup()
     memory.reset_peaks(device)
-    host_reset = host_baseline is not None and host.reset_peak()
     with nvml.NvmlSampler(device) as sampler:
         times = time_steps(timed, repeats, device)
-    record["host_peak_bytes"] = host.peak_growth(host_baseline, host_reset)
     record["load"] = load.load_fields(before, load.snapshot(device))
     warnings.extend(load.load_warnings(record["load"]))
     record.update(times.as_record_fields())
@@ -106,6 +103,9 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
             record["trace"] = str(folder)  # trace + summary.json (stbench.trace.load_summary reads it)
 
     # Extra passes after timing, so they cannot disturb it; eager, so hooks and counters see every op.
+    if device.type == "cpu":
+        record["host_peak_bytes"] = soft(record, "host peak", lambda: host.step_peak_growth(
+            timed, record["param_bytes"] + record["optimizer_bytes"]))
     if case.compile:
         warnings.append("saved_activations and flops_per_step are counted on the eager (uncompiled) step")
     record["saved_activations"] = soft(record, "saved activations", lambda: activations.saved_activation_bytes(
