@@ -3,33 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 
-from .base import TRAINING_MODES, VideoModel
+from .base import VideoModel
+from .spec import Architecture
 
 FAMILY_MODULES = ("architectures.unet_serial", "architectures.unet_mobius", "architectures.dit", "architectures.wan",
                   "architectures.cogvideox", "architectures.hunyuan_video", "architectures.ltx_video",
                   "architectures.latte")
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One registered architecture: its config class, size presets and builder."""
-
-    name: str
-    family: str  # "unet" or "dit"
-    config_cls: type
-    presets: dict[str, Callable[[], Any]]
-    build: Callable[[Any], VideoModel]
-    description: str = ""
-    # raises ValueError when the model cannot take a (frames, height, width) pixel shape
-    check_shape: Callable[[Any, int, int, int], None] | None = None
-    modes: tuple[str, ...] = TRAINING_MODES  # `temporal` only where spatial and temporal parameters separate
-    attention: tuple[str, ...] = ()  # choices of --set attention=..., where the model has them
-
 
 _REGISTRY: dict[str, Architecture] = {}
 _loaded = False

@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 
 from .base import TRAINING_MODES, VideoModel
-from .registry import Architecture
+from .spec import Architecture
 
 _RESOLVED: dict[str, Architecture] = {}
 

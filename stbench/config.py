@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from architectures import LATENT_SCALE, TRAINING_MODES
 
 from . import results
 from .errors import UserError
+from .overrides import parse_override_value
 
 # Case dtype -> torch dtype: fp32 runs as is; bf16 and fp16 are autocast dtypes over fp32 weights.
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,41 +22,6 @@ DTYPES = tuple(TORCH_DTYPES)
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 CONTEXT_PARALLEL = ("ulysses", "ring")
 ACTIVATION_CHECKPOINTING = ("none", "blocks", "spatial")
-
-
-def _parse_scalar(text: str, kind: type, key: str):
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return kind(text)
-    except ValueError:
-        raise UserError(f"--set {key}={text}: expected {kind.__name__}") from None
-
-
-def parse_override_value(config_cls: type, key: str, text: str):
-    """Turn the text of `--set key=text` into the type of the config field `key`."""
-    hints = typing.get_type_hints(config_cls)
-    if key not in hints:
-        legal = ", ".join(sorted(f.name for f in dataclasses.fields(config_cls)))
-        raise UserError(f"--set {key}: unknown field of {config_cls.__name__}; legal: {legal}")
-    hint = hints[key]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null"):
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        kind = args[0] if args else str
-        try:
-            return tuple(_parse_scalar(part.strip(), kind, key) for part in text.split(",") if part.strip())
-        except UserError:  # name the whole value, not just the bad element
-            raise UserError(f"--set {key}={text}: expected comma-separated {kind.__name__} values") from None
-    return _parse_scalar(text, hint if hint in (int, float, bool, str) else str, key)
 
 
 def parse_set_options(items: typing.Iterable[str]) -> tuple[tuple[str, str], ...]:

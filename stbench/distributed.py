@@ -25,7 +25,8 @@ import torch.distributed as dist
 from . import results, runfolder
 from .config import Case, Sweep
 from .errors import UserError
-from .measure import env, flops, memory, sequence, timing
+from .measure import env, memory, sequence
+from .ranks import gather_records, merge_ranks
 
 DEFAULT_TIMEOUT_S = 300.0
 FAILURE_KEY = "stbench/failure"
@@ -155,12 +156,6 @@ def check_case(case: Case, world: int) -> None:
                          f"{config.attention!r}; use ulysses")
 
 
-def _gather(value):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
     """One context-parallel case on every rank, through the one measurement sequence; returns the record (each
     rank's own figures; `merge_ranks` makes rank 0's the case's)."""
@@ -196,47 +191,7 @@ def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
     record["comm_bytes"] = sorted(step_bytes)[len(step_bytes) // 2]
     record["comm_bytes_by_kind"] = {k: v // repeats for k, v in by_kind.items()}
     record["rank_attention_work"] = cp.expected_rank_work()
-    return merge_ranks(record, _gather(record), world)
-
-
-def merge_ranks(record: dict, everyone: list[dict], world: int) -> dict:
-    """The case's record from every rank's: a step ends when its slowest rank ends; memory is the largest
-    rank's; FLOPs are all ranks'; per-rank lists beside them."""
-    repeats = len(record["step_ms_samples"])
-    own = set(timing.StepTimes(record["step_ms_samples"]).warnings)  # this rank's notes: replaced below
-    slowest = timing.StepTimes([max(r["step_ms_samples"][i] for r in everyone) for i in range(repeats)])
-    record.update(slowest.as_record_fields())
-    record["warnings"] = [w for w in record["warnings"] if w not in own] + slowest.warnings
-    for name in ("peak_allocated", "peak_reserved", "nvml_peak_process", "nvml_peak_device", "saved_activations"):
-        record[name] = _max_or_none(everyone, name)
-    flop_counts = [r["flops_per_step"] for r in everyone]
-    record["flops_per_step"] = sum(flop_counts) if None not in flop_counts else None
-    peak = flops.device_peak_tflops(record["device"] if record["device"] != "cuda" else "cuda", record["dtype"])
-    record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"],
-                                                      peak * world if peak else None)
-    record["comm_bytes"] = max(r["comm_bytes"] for r in everyone)  # median step of the busiest rank
-    record.update(
-        rank_step_ms_median=[r["step_ms_median"] for r in everyone],
-        rank_peak_allocated=[r["peak_allocated"] for r in everyone],
-        rank_nvml_peak_process=[r["nvml_peak_process"] for r in everyone],
-        rank_nvml_peak_device=[r["nvml_peak_device"] for r in everyone],
-        rank_saved_activations=[r["saved_activations"] for r in everyone],
-        rank_comm_bytes=[r["comm_bytes"] for r in everyone],
-        comm_bytes_by_kind=everyone[0]["comm_bytes_by_kind"],
-        rank_attention_work=everyone[0]["rank_attention_work"],
-    )
-    record["warnings"].append(
-        "context parallel: step_ms_* are per step the slowest rank's; peaks and saved_activations the largest "
-        "rank's; flops_per_step all ranks'; comm_bytes = bytes the busiest rank sends in its median step (exact "
-        "for all-to-all / send / all-gather, all-reduce at the ring volume 2(W-1)/W); rank_* lists per rank")
-    if record["dsv"] is not None:
-        record["warnings"].append("dsv stats describe rank 0's heads (ulysses) or token shard (ring)")
-    return record
-
-
-def _max_or_none(rows, key):
-    values = [r[key] for r in rows if r[key] is not None]
-    return max(values) if values else None
+    return merge_ranks(record, gather_records(record), world)
 
 
 class _RunState:

@@ -13,6 +13,7 @@ from . import results
 from .config import Case
 from .measure import env, memory, sequence
 from .parallel import fsdp as fsdp_lib
+from .ranks import gather_records, merge_ranks
 
 
 def layout_of(case: Case, world: int) -> fsdp_lib.FSDPLayout:
@@ -59,8 +60,6 @@ def shard_step(step, layout: fsdp_lib.FSDPLayout, mesh, context_parallel: str | 
 
 def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
     """One FSDP (x CP) case on every rank; returns the case's record (rank 0's is the one written)."""
-    from .distributed import _gather, merge_ranks
-
     layout = layout_of(case, world)
     device = torch.device(case.device if not case.device.startswith("cuda") else "cuda")
     mesh = fsdp_lib.build_mesh(layout, device.type)
@@ -95,7 +94,7 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
     record["comm_bytes_by_kind"] = state["by_kind"]
     record["rank_attention_work"] = state["cp"].expected_rank_work() if state["cp"] is not None else None
     record["mesh"] = layout.mesh_record()
-    everyone = _gather(record)
+    everyone = gather_records(record)
     merged = merge_ranks(record, everyone, world)
     for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "host_peak_bytes"):
         merged[f"rank_{name}"] = [r[name] for r in everyone]

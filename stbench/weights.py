@@ -10,7 +10,7 @@ import torch
 
 import architectures
 
-from .config import Case, parse_override_value
+from .overrides import parse_override_value
 from .errors import UserError
 
 CHECKPOINT_DIR = Path(architectures.__file__).resolve().parent / "checkpoints"

@@ -1,0 +1,24 @@
+"""What the registry knows of an architecture (a module of its own, so that families, the registry and user
+models all import it without importing each other)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .base import TRAINING_MODES, VideoModel
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered architecture: its config class, size presets and builder."""
+
+    name: str
+    family: str  # "unet" or "dit"
+    config_cls: type
+    presets: dict[str, Callable[[], Any]]
+    build: Callable[[Any], VideoModel]
+    description: str = ""
+    # raises ValueError when the model cannot take a (frames, height, width) pixel shape
+    check_shape: Callable[[Any, int, int, int], None] | None = None
+    modes: tuple[str, ...] = TRAINING_MODES  # `temporal` only where spatial and temporal parameters separate
+    attention: tuple[str, ...] = ()  # choices of --set attention=..., where the model has them
