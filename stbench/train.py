@@ -23,7 +23,7 @@ from . import results, runfolder, runner
 from .config import Case
 from .data import DatasetConfig, MovingShapes
 from .errors import UserError
-from .measure import activations, env, flops, memory, sequence
+from .measure import env, memory, sequence
 from .measure.timing import StepTimes
 from .weights import save_checkpoint, share_initial_weights
 
@@ -56,10 +56,7 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
     dataset = DatasetConfig(seed=seed, frames=case.frames, resolution=case.resolution, heldout=heldout)
     data = MovingShapes(dataset, model)
     held = [b.to(device=device) for b in data.heldout_batches(case.batch)]
-    record["params_total"] = sum(p.numel() for p in model.parameters())
-    record["params_trainable"] = sum(p.numel() for p in step.trainable)
-    record["param_bytes"] = memory.param_bytes(model)
-    record["grad_bytes"] = memory.grad_bytes(step.trainable)
+    sequence.model_sizes(record, step)
     record["warmup"] = 0
 
     evals = [[0, heldout_loss(model, held, step.autocast)]]
@@ -92,13 +89,8 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
             "heldout_loss": evals[-1][1], "command": command})
         record["train"]["saved"] = str(save)
     # the model's own figures on the trained weights (DSV: the sparsity its profiler found, per layer and head)
-    extra = sequence.soft(record, "model stats", model.extra_stats) or {}
-    record["warnings"].extend(extra.pop("warnings", []))
-    record.update(extra)
-    # after saving: the FLOP count runs one more (eager) training step
-    record["saved_activations"] = sequence.soft(record, "saved activations", lambda: activations.saved_activation_bytes(
-        model, lambda: step.compute_loss(eager=True)))
-    record["flops_per_step"] = sequence.soft(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
+    sequence.model_stats(record, model)
+    sequence.count_passes(record, step)  # after saving: the FLOP count runs one more (eager) training step
     record["status"] = "ok"
 
 

@@ -27,6 +27,29 @@ def soft(record: dict, what: str, fn):
         return None
 
 
+def model_sizes(record: dict, step) -> None:
+    """Exact parameter counts and parameter/gradient bytes of a TrainingStep's model."""
+    record["params_total"] = sum(p.numel() for p in step.model.parameters())
+    record["params_trainable"] = sum(p.numel() for p in step.trainable)
+    record["param_bytes"] = memory.param_bytes(step.model)
+    record["grad_bytes"] = memory.grad_bytes(step.trainable)
+
+
+def model_stats(record: dict, model) -> None:
+    """The model's own record fields (e.g. `dsv`); its 'warnings' join the record's."""
+    extra = soft(record, "model stats", model.extra_stats) or {}
+    record["warnings"].extend(extra.pop("warnings", []))
+    record.update(extra)
+
+
+def count_passes(record: dict, step) -> None:
+    """Saved-activation bytes of one forward and FLOPs of one step: eager, so hooks and counters see every op
+    (these passes train the model one more step: run them after anything that must not see it)."""
+    record["saved_activations"] = soft(record, "saved activations", lambda: activations.saved_activation_bytes(
+        step.model, lambda: step.compute_loss(eager=True)))
+    record["flops_per_step"] = soft(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
+
+
 def _cuda_context(device: torch.device, record: dict) -> None:
     """Make CUDA's lazily created context exist and record what it holds before any model is built."""
     torch.empty(1, device=device)
@@ -59,10 +82,7 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     step = TrainingStep(case)
     model = step.model
     timed = prepare(step) if prepare is not None else step
-    record["params_total"] = sum(p.numel() for p in model.parameters())
-    record["params_trainable"] = sum(p.numel() for p in step.trainable)
-    record["param_bytes"] = memory.param_bytes(model)
-    record["grad_bytes"] = memory.grad_bytes(step.trainable)
+    model_sizes(record, step)
 
     before = load.snapshot(device)
     # torchrun ranks must run the same number of steps: no early end of warm-up there (settle=False)
@@ -84,9 +104,7 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
     if sampler.available and sampler.peak_process is None:
         warnings.append("nvml: no per-process memory reported for this pid (container pid namespace?)")
     record["optimizer_bytes"] = memory.optimizer_bytes(step.optimizer)
-    extra = soft(record, "model stats", model.extra_stats) or {}
-    warnings.extend(extra.pop("warnings", []))
-    record.update(extra)
+    model_stats(record, model)
 
     if trace_dir is not None:
         if case.compile:
@@ -108,9 +126,7 @@ def measure_case(case, record: dict, *, repeats: int, warmup: int, time_steps=ti
             timed, record["param_bytes"] + record["optimizer_bytes"]))
     if case.compile:
         warnings.append("saved_activations and flops_per_step are counted on the eager (uncompiled) step")
-    record["saved_activations"] = soft(record, "saved activations", lambda: activations.saved_activation_bytes(
-        model, lambda: step.compute_loss(eager=True)))
-    record["flops_per_step"] = soft(record, "flops", lambda: flops.count_flops(lambda: step(eager=True)))
+    count_passes(record, step)
     peak = flops.device_peak_tflops(device, case.dtype)
     record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"], peak)
     if record["mfu"] is not None and case.dtype == "fp32" and flops.tf32_enabled():
