@@ -20,14 +20,11 @@ from pathlib import Path
 import torch
 
 from . import results, runfolder
-from .config import DTYPES
+from .config import DTYPES, TORCH_DTYPES
 from .errors import UserError
 from .measure import env, memory, timing
 
 SPARSE_BACKENDS = ("gather", "flex")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _list(text: str, kind, name: str) -> tuple:
     try:
         values = tuple(kind(p) for p in text.split(",") if p.strip())

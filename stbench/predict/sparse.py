@@ -15,7 +15,7 @@ import math
 import torch
 from torch.utils import flop_counter
 
-from .roofline import OpCost
+from .roofline import HALF, OpCost
 
 LEARNED = ("dsv: head sparsity is learned from data and unknown before training, so attention is predicted "
            "dense (stage 1); pass --set sparsity=S to predict block-sparse attention at a forced sparsity S")
@@ -77,7 +77,7 @@ class DSVAdapter:
             return
         shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
         moved = 4 * q.numel() * q.element_size()
-        math_mode = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(q.dtype, "fp32")
+        math_mode = HALF.get(q.dtype, "fp32")
         forward = flop_counter.sdpa_flop_count(*shapes)
         backward = flop_counter.sdpa_backward_flop_count(shapes[0], *shapes)
         self.ops.append(OpCost("dsv.block_sparse_attention", int(forward * fraction), moved, math_mode))
