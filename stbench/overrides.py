@@ -1,4 +1,5 @@
-"""`--set KEY=VALUE` text typed by the field it names in a model's config dataclass."""
+"""Command-line values typed: `--set KEY=VALUE` by the field it names in a model's config dataclass, and
+comma-separated lists (`--frames 8,16`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,18 @@ import types
 import typing
 
 from .errors import UserError
+
+
+def comma_list(text: str, name: str, kind: type = int) -> tuple:
+    """`"8, 16"` -> (8, 16); UserError naming the option on a bad or empty list."""
+    try:
+        values = tuple(kind(p.strip()) for p in text.split(",") if p.strip())
+    except ValueError:
+        what = {int: "integers", float: "numbers"}.get(kind, f"{kind.__name__} values")
+        raise UserError(f"{name}: expected comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise UserError(f"{name}: empty")
+    return values
 
 
 def _parse_scalar(text: str, kind: type, key: str):

@@ -23,6 +23,7 @@ import architectures
 from . import results, runfolder
 from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
+from .overrides import comma_list
 from .measure import env, memory, sequence, timing
 from .units import format_bytes
 
@@ -237,17 +238,6 @@ def run_sweep(sweep: Sweep, out: Path, *, resume: bool = False, isolate: bool = 
 
 # --- command line -----------------------------------------------------------------------------------
 
-def _int_list(text: str, name: str) -> tuple[int, ...]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise UserError(f"{name}: expected comma-separated integers, got {text!r}") from None
-    return tuple(values)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True,
                         help="comma-separated architectures (`stbench list` names them with their presets)")
@@ -274,10 +264,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isolate", action="store_true", help="run each case in a child process")
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/run-<UTC time>)")
+    add_parallel_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="one line per case instead of a progress bar")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every case --repeats steps per "
+                        "round, in a shuffled order, samples pooled (default 1)")
+    parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the --rounds order (default 0)")
+    parser.add_argument("--weights", default=None, metavar="trained|PATH",
+                        help="start from the committed checkpoint of the family and preset, or a state dict file "
+                             "(default: random weights)")
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser, launched: str = "under torchrun") -> None:
+    """--context-parallel, --fsdp and FSDP's settings (shared by `run` and `predict`)."""
     parser.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default=None,
-                        help="sequence parallelism across torchrun processes (dit-* architectures)")
+                        help=f"sequence parallelism across ranks ({launched})")
     parser.add_argument("--fsdp", type=int, default=None, metavar="N",
-                        help="under torchrun: FSDP2 (fully_shard per block) with N data-parallel ranks; with "
+                        help=f"{launched}: FSDP2 (fully_shard per block) with N data-parallel ranks; with "
                              "--context-parallel, N x CP = world size on one 2D device mesh")
     parser.add_argument("--activation-checkpointing", choices=("none", "blocks", "spatial"), default=None,
                         help="with --fsdp: recompute the activations of every block, or of the spatial layers")
@@ -286,13 +288,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(FSDP2's default: on)")
     parser.add_argument("--fsdp-mixed-precision", action="store_true",
                         help="with --fsdp: bf16 parameters, fp32 gradient reduction (FSDP's MixedPrecisionPolicy)")
-    parser.add_argument("--no-progress", action="store_true", help="one line per case instead of a progress bar")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every case --repeats steps per "
-                        "round, in a shuffled order, samples pooled (default 1)")
-    parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the --rounds order (default 0)")
-    parser.add_argument("--weights", default=None, metavar="trained|PATH",
-                        help="start from the committed checkpoint of the family and preset, or a state dict file "
-                             "(default: random weights)")
 
 
 def sweep_from_args(args: argparse.Namespace) -> Sweep:
@@ -303,14 +298,14 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         raise UserError(f"device: {device!r} does not exist; legal: cuda:0..cuda:{torch.cuda.device_count() - 1}")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
-    return Sweep(archs=archs, resolutions=_int_list(args.resolution, "resolution"),
-                 frames=_int_list(args.frames, "frames"), batches=_int_list(args.batch, "batch"),
+    return Sweep(archs=archs, resolutions=comma_list(args.resolution, "resolution"),
+                 frames=comma_list(args.frames, "frames"), batches=comma_list(args.batch, "batch"),
                  preset=args.preset, mode=args.mode, dtype=dtype, device=device, compile=args.compile,
                  overrides=parse_set_options(args.set), context_parallel=args.context_parallel,
-                 repeats=args.repeats, warmup=args.warmup, weights=getattr(args, "weights", None), **_fsdp_settings(args))
+                 repeats=args.repeats, warmup=args.warmup, weights=getattr(args, "weights", None), **fsdp_settings(args))
 
 
-def _fsdp_settings(args: argparse.Namespace) -> dict:
+def fsdp_settings(args: argparse.Namespace) -> dict:
     """FSDP's settings with their defaults when --fsdp is given; as typed (None unless given) otherwise, so
     that a setting without --fsdp is reported."""
     fsdp = getattr(args, "fsdp", None)

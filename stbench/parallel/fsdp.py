@@ -163,7 +163,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _group(args):
+def op_group(args):
     """The op's process group: dispatched c10d ops carry it boxed as a ScriptObject."""
     for a in args:
         if isinstance(a, dist.ProcessGroup):
@@ -179,7 +179,7 @@ def _group(args):
 def sent_bytes(name: str, args) -> tuple[str, int] | None:
     """(kind, bytes this rank sends to other ranks) of one c10d op, None for an op that sends nothing."""
     op = name.split(".")[1] if "." in name else name
-    group = _group(args)
+    group = op_group(args)
     size = group.size() if group is not None else 1
     if op.startswith("_allgather_base") or op.startswith("allgather_into_tensor"):
         return "all_gather", _nbytes(_tensors(args[1])) * (size - 1)

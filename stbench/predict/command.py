@@ -13,13 +13,15 @@ from .. import results, runfolder
 from ..config import DTYPES, Case, json_settings, parse_set_options
 from ..errors import UserError
 from ..measure import env
-from ..runner import _int_list
+from ..overrides import comma_list
+from ..runner import add_parallel_arguments, fsdp_settings
 from ..units import format_bytes
 from . import hardware as hw
 from .estimate import predict_case
 
 MAX_FRAMES = 4096  # the frontier searches stop here
 MAX_RESOLUTION = 8192
+MAX_GPUS = 4096
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,15 @@ class PredictSweep:
     dtype: str | None = None  # None: bf16 on GPUs, fp32 on the CPU
     overrides: tuple[tuple[str, str], ...] = ()
     frontier: bool = False
+    world_sizes: tuple[int, ...] = (1,)  # GPUs of the layout; > 1 (or fsdp set): one FSDP rank is predicted
+    fsdp: int | None = None  # None with a world > 1: FSDP over every rank (no context parallelism)
+    context_parallel: str | None = None
+    activation_checkpointing: str | None = None
+    fsdp_reshard_after_forward: bool | None = None
+    fsdp_mixed_precision: bool | None = None
 
     def __post_init__(self):
-        for name in ("archs", "hardware", "resolutions", "frames", "batches"):
+        for name in ("archs", "hardware", "resolutions", "frames", "batches", "world_sizes"):
             if not getattr(self, name):
                 raise UserError(f"{name}: needs at least one value")
         unknown = [h for h in self.hardware if h not in hw.NAMES]
@@ -50,10 +58,36 @@ class PredictSweep:
     def dtype_for(self, name: str) -> str:
         return self.dtype or ("fp32" if name == "cpu" else "bf16")
 
-    def case(self, arch: str, hardware: str, resolution: int, frames: int, batch: int) -> Case:
-        """A validated case (UserError on bad input); predicted cases are traced on the CPU."""
-        return Case(arch=arch, preset=self.preset, mode=self.mode, batch=batch, frames=frames,
-                    resolution=resolution, dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides)
+    @property
+    def cp_degree(self) -> int:
+        """Ranks per sequence: world / fsdp of the first world size (kept when the frontier scales the world)."""
+        if self.context_parallel is None or self.fsdp is None:
+            return 1
+        return max(1, self.world_sizes[0] // self.fsdp)
+
+    def case(self, arch: str, hardware: str, resolution: int, frames: int, batch: int, world: int = 1) -> Case:
+        """A validated case on `world` GPUs (UserError on bad input); predicted cases are traced on the CPU."""
+        if world < 1:
+            raise UserError(f"world-size: must be >= 1, got {world}")
+        fsdp = self.fsdp if world == self.world_sizes[0] or self.fsdp is None else world // self.cp_degree
+        if fsdp is None and (world > 1 or self.context_parallel is not None):
+            fsdp = world
+        settings = dict(fsdp=fsdp, activation_checkpointing=self.activation_checkpointing,
+                        fsdp_reshard_after_forward=self.fsdp_reshard_after_forward,
+                        fsdp_mixed_precision=self.fsdp_mixed_precision)
+        if fsdp is not None:
+            settings = fsdp_settings(argparse.Namespace(**settings))
+        case = Case(arch=arch, preset=self.preset, mode=self.mode, batch=batch, frames=frames,
+                    resolution=resolution, dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides,
+                    context_parallel=self.context_parallel, **settings)
+        if fsdp is not None:
+            from ..fsdp import layout_of  # noqa: local - torch.distributed's FSDP only for sharded layouts
+
+            try:
+                layout_of(case, world)
+            except ValueError as e:
+                raise UserError(f"world-size {world}: {e}") from None
+        return case
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", default="h100-sxm", help=f"comma-separated targets: {', '.join(hw.NAMES)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (repeatable); recorded in the results")
+    parser.add_argument("--world-size", default="1", help="comma-separated GPU counts: with more than one (or "
+                        "--fsdp), one rank of an FSDP2 (x --context-parallel) layout is predicted (default 1)")
+    add_parallel_arguments(parser, launched="on --world-size GPUs")
     parser.add_argument("--frontier", action="store_true",
-                        help="instead of the grid: the largest frame count predicted to fit at each resolution, and the "
-                        "largest resolution at each frame count (bisection over fake runs)")
+                        help="instead of the grid: the largest frame count predicted to fit at each resolution, the "
+                        "largest resolution at each frame count (bisection over fake runs), and the fewest GPUs "
+                        "predicted to fit each case (FSDP over powers of two)")
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/predict-<UTC time>)")
 
@@ -79,15 +117,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
     names = tuple(h.strip() for h in args.hardware.split(",") if h.strip())
     sweep = PredictSweep(archs=tuple(a.strip() for a in args.arch.split(",") if a.strip()), hardware=names,
-                         resolutions=_int_list(args.resolution, "resolution"), frames=_int_list(args.frames, "frames"),
-                         batches=_int_list(args.batch, "batch"), preset=args.preset, mode=args.mode, dtype=args.dtype,
-                         overrides=parse_set_options(args.set), frontier=args.frontier)
+                         resolutions=comma_list(args.resolution, "resolution"), frames=comma_list(args.frames, "frames"),
+                         batches=comma_list(args.batch, "batch"), preset=args.preset, mode=args.mode, dtype=args.dtype,
+                         overrides=parse_set_options(args.set), frontier=args.frontier,
+                         world_sizes=comma_list(args.world_size, "world-size"), fsdp=args.fsdp,
+                         context_parallel=args.context_parallel,
+                         activation_checkpointing=args.activation_checkpointing,
+                         fsdp_reshard_after_forward=args.fsdp_reshard_after_forward,
+                         fsdp_mixed_precision=args.fsdp_mixed_precision or None)
     for arch in sweep.archs:  # every case is checked before anything is written
         for name in sweep.hardware:
             for r in sweep.resolutions:
                 for f in sweep.frames:
                     for b in sweep.batches:
-                        sweep.case(arch, name, r, f, b)
+                        for w in sweep.world_sizes:
+                            sweep.case(arch, name, r, f, b, w)
     return sweep
 
 
@@ -97,11 +141,11 @@ class Predictor:
     def __init__(self, out: Path, done: dict[str, dict], echo=print):
         self.out, self.done, self.echo = out, done, echo
 
-    def __call__(self, case: Case, target: hw.Hardware) -> dict:
-        key = results.case_key({**case.identity(), "device": target.name, "predicted": True})
+    def __call__(self, case: Case, target: hw.Hardware, world: int = 1) -> dict:
+        key = results.case_key({**case.identity(world), "device": target.name, "predicted": True})
         if key in self.done:
             return self.done[key]
-        record = predict_case(case, target)
+        record = predict_case(case, target, world)
         results.append_record(self.out / runfolder.RESULTS_FILE, record)
         self.done[key] = record
         self.echo(describe(record))
@@ -112,11 +156,16 @@ def describe(record: dict) -> str:
     p = record.get("predicted") or {}
     what = (f"{record['arch']} {record['resolution']}px x{record['frames']} b{record['batch']} {record['dtype']} "
             f"on {record['device']}")
+    if record.get("mesh"):
+        mesh = record["mesh"]
+        what += (f" x{record['world_size']} (fsdp {mesh['fsdp']} x {record.get('context_parallel') or 'cp'} "
+                 f"{mesh['cp']}, per rank)")
     if not p:
         return f"error {what}: {(record.get('error') or '').splitlines()[-1:]}"
     text = f"{record['status']:5s} {what}: predicted peak {format_bytes(p['peak_bytes'])}"
     if p.get("step_ms") is not None:
-        text += f", step {p['step_ms']:.1f} ms (compute {p['compute_ms']:.1f}, memory {p['memory_ms']:.1f})"
+        text += f", step {p['step_ms']:.1f} ms (compute {p['compute_ms']:.1f}, memory {p['memory_ms']:.1f}"
+        text += f", communication {p['comm_ms']:.1f})" if p.get("comm_ms") is not None else ")"
     return text
 
 
@@ -164,21 +213,88 @@ def resolution_step(make_case) -> int | None:
     return None
 
 
+def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int = MAX_GPUS) -> tuple[int | None, str]:
+    """(fewest GPUs, a power of two times `start`, predicted to fit, or None; why the search stopped).
+
+    `make_case(world)` raises UserError for a layout that cannot run. Each fake run takes seconds to minutes
+    at full size, so the search jumps: what a rank holds besides its shards of parameters, gradients and
+    AdamW state (activations, gathered parameters, buffers) does not shrink with more FSDP ranks, while the
+    shards shrink as 1/world; the next world tried is the smallest power of two whose shards would fit beside
+    the rest, then every candidate is confirmed by a prediction (the allocator's rounding is not linear)."""
+    verdicts: dict[int, dict] = {}
+
+    def run(world: int) -> dict | str:
+        try:
+            case = make_case(world)
+        except UserError as e:
+            return f"{world} GPUs: {e}"
+        verdicts[world] = predict(case, target, world)
+        return verdicts[world]
+
+    world = start
+    while world <= limit:
+        record = run(world)
+        if isinstance(record, str):
+            return None, record
+        if record["status"] == "error":
+            return None, f"{world} GPUs: prediction failed ({(record.get('error') or '').splitlines()[-1:]})"
+        if record["status"] == "ok":
+            break
+        shards = sum(record.get(name) or 0 for name in ("param_bytes", "grad_bytes", "optimizer_bytes"))
+        room = target.memory_bytes - target.context_bytes - (record["predicted"]["reserved_bytes"] - shards)
+        if room <= 0:
+            return None, (f"at {world} GPUs a rank needs {format_bytes(record['predicted']['peak_bytes'] - shards)} "
+                          f"besides its shards: more GPUs do not help (try activation checkpointing or context "
+                          f"parallelism)")
+        needed = shards * world / room
+        following = world * 2
+        while following < needed and following * 2 <= limit:
+            following *= 2
+        world = following
+    else:
+        return None, f"none up to {limit} GPUs"
+    while world // 2 >= start and world // 2 not in verdicts:  # confirm that half as many do not fit
+        record = run(world // 2)
+        if isinstance(record, str) or record["status"] != "ok":
+            break
+        world //= 2
+    return world, "fits"
+
+
 def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware) -> None:
-    """Largest frames per resolution, and largest resolution per frame count, at each batch (printed)."""
+    """Largest frames per resolution, and largest resolution per frame count, at each batch and world size,
+    and the fewest GPUs that fit each case (printed)."""
+    for b, r, f in ((b, r, f) for b in sweep.batches for r in sweep.resolutions for f in sweep.frames):
+        if target.name == "cpu":
+            break
+        n, why = fewest_gpus(predict, lambda w: sweep.case(arch, target.name, r, f, b, w), target,
+                             start=sweep.cp_degree)
+        layout = (f"fsdp x {sweep.context_parallel} {sweep.cp_degree}" if sweep.context_parallel else "fsdp") + (
+            f", activation checkpointing {sweep.activation_checkpointing}"
+            if sweep.activation_checkpointing not in (None, "none") else "")
+        print(f"frontier {arch} {r}px x{f} b{b} on {target.name}: fewest GPUs that fit "
+              f"{n if n is not None else f'none ({why})'} ({layout}; predicted)")
+    for w in sweep.world_sizes:
+        _shape_frontiers(sweep, predict, arch, target, w)
+
+
+def _shape_frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, w: int) -> None:
+    """Largest frames per resolution, and largest resolution per frame count, on `w` GPUs (printed)."""
+    on = f"{target.name}" + (f" x{w}" if w > 1 else "")
     for b in sweep.batches:
         for r in sweep.resolutions:
-            good, bad = frontier(predict, lambda f: sweep.case(arch, target.name, r, f, b), target, MAX_FRAMES)
-            print(f"frontier {arch} {r}px b{b} on {target.name}: largest fitting frames "
+            good, bad = frontier(lambda c, t: predict(c, t, w), lambda f: sweep.case(arch, target.name, r, f, b, w),
+                                 target, MAX_FRAMES)
+            print(f"frontier {arch} {r}px b{b} on {on}: largest fitting frames "
                   f"{good if good is not None else 'none'}{'' if bad is None else f' ({bad} does not fit)'} "
                   f"(predicted)")
         for f in sweep.frames:
-            step = resolution_step(lambda res: sweep.case(arch, target.name, res, f, b))
+            step = resolution_step(lambda res: sweep.case(arch, target.name, res, f, b, w))
             if step is None:
                 continue
-            good, bad = frontier(predict, lambda k: sweep.case(arch, target.name, k * step, f, b), target,
-                                 MAX_RESOLUTION // step)
-            print(f"frontier {arch} {f} frames b{b} on {target.name}: largest fitting resolution "
+            good, bad = frontier(lambda c, t: predict(c, t, w), lambda k: sweep.case(arch, target.name, k * step, f, b, w),
+                                 target, MAX_RESOLUTION // step)
+            print(f"frontier {arch} {f} frames b{b} on {on}: largest fitting resolution "
                   f"{f'{good * step}px' if good is not None else 'none'}"
                   f"{'' if bad is None else f' ({bad * step}px does not fit)'} (predicted)")
 
@@ -200,6 +316,7 @@ def execute(args: argparse.Namespace) -> int:
             for r in sweep.resolutions:
                 for b in sweep.batches:
                     for f in sweep.frames:
-                        predict(sweep.case(arch, target.name, r, f, b), target)
+                        for w in sweep.world_sizes:
+                            predict(sweep.case(arch, target.name, r, f, b, w), target, w)
     print(f"stbench: predictions -> {path}", file=sys.stderr)
     return 0

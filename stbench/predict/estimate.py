@@ -6,17 +6,18 @@ import traceback
 
 from .. import results
 from ..config import Case
+from ..errors import UserError
 from ..measure import env
-from . import fake, memory, roofline
+from . import fake, memory, roofline, sharded
 from .hardware import Hardware
 
 CATEGORIES = (fake.PARAMS, fake.GRADS, fake.OPTIMIZER, fake.ACTIVATIONS)
 
 
 @functools.lru_cache(maxsize=32)
-def cached_trace(case: Case, foreach: bool) -> fake.StepTrace:
+def cached_trace(case: Case, foreach: bool, world: int = 1) -> fake.StepTrace:
     """A case's trace is the same for every GPU (AdamW foreach on all of them): trace once, replay per GPU."""
-    return fake.trace_step(case, foreach=foreach)
+    return fake.trace_step(case, foreach=foreach, world=world)
 
 
 def foreach_for(hardware: Hardware) -> bool:
@@ -62,18 +63,40 @@ def prediction(trace: fake.StepTrace, hardware: Hardware) -> dict:
                  "memory_bytes": hardware.memory_bytes, "kernels": len(trace.ops)}
     if time is not None:
         predicted.update(step_ms=time.step_ms, compute_ms=time.compute_ms, memory_ms=time.memory_ms)
+        if trace.layout is not None:
+            _add_communication(predicted, trace, hardware)
         peak_flops = hardware.peak(max((op for op in trace.ops if op.flops), key=lambda op: op.flops,
                                        default=roofline.OpCost("", 0, 0, "fp32")).math)
-        predicted["mfu"] = flops / (time.step_ms / 1e3) / peak_flops if peak_flops and time.step_ms else None
+        step_ms = predicted["step_ms"]
+        predicted["mfu"] = flops / (step_ms / 1e3) / peak_flops if peak_flops and step_ms else None
     return predicted
 
 
-def predict_case(case: Case, hardware: Hardware) -> dict:
-    """A complete result record for `case` on `hardware`: status ok, oom (predicted not to fit) or error."""
-    record = results.new_record({**case.identity(), "device": hardware.name})
+def _add_communication(predicted: dict, trace: fake.StepTrace, hardware: Hardware) -> None:
+    """A rank's step with communication: the kernels' roofline time (`kernels_ms`), then FSDP's gathers and
+    reduce-scatters and ring hops hidden behind it where they fit (FSDP2 prefetches on its own stream) and
+    Ulysses all-to-alls and all-reduces added (the step waits for them): step = max(kernels, overlapped) +
+    blocking. `step_ms_serial` adds everything: the bound when nothing overlaps."""
+    comm = sharded.comm_time(trace.comm, hardware)
+    if comm is None:
+        return
+    kernels = predicted["step_ms"]
+    predicted.update(kernels_ms=kernels, comm_ms=comm.overlapped_ms + comm.blocking_ms,
+                     comm_ms_by_collective=comm.by_kind_ms, comm_overlapped_ms=comm.overlapped_ms,
+                     comm_blocking_ms=comm.blocking_ms, links=comm.links,
+                     step_ms=max(kernels, comm.overlapped_ms) + comm.blocking_ms,
+                     step_ms_serial=kernels + comm.overlapped_ms + comm.blocking_ms)
+
+
+def predict_case(case: Case, hardware: Hardware, world: int = 1) -> dict:
+    """A complete result record for `case` on `hardware` (one rank of `world` with `case.fsdp`): status ok,
+    oom (predicted not to fit) or error."""
+    record = results.new_record({**case.identity(world), "device": hardware.name})
     record["env"] = env.collect_env("cpu")  # the machine that predicted, not the target
     try:
-        trace = cached_trace(case, foreach_for(hardware))
+        trace = cached_trace(case, foreach_for(hardware), world)
+    except UserError:
+        raise
     except Exception:  # noqa: BLE001 - a model that cannot run on fake tensors is a result, not a crash
         record["status"] = "error"
         record["predicted"] = {"hardware": hardware.name}  # marks the record as a prediction (its own case key)
@@ -89,6 +112,27 @@ def predict_case(case: Case, hardware: Hardware) -> dict:
                  "params_trainable"):
         record[name] = getattr(trace, name)
     record["warnings"] = list(trace.warnings) + [f"predicted, not measured: stbench predict for {hardware.label}"]
+    if trace.layout is not None:
+        _sharded_fields(record, trace, world)
     if hardware.name == "cpu":
         record["warnings"].append("cpu: memory only (fp32 host allocator, no caching); step time not predicted")
     return record
+
+
+def _sharded_fields(record: dict, trace: fake.StepTrace, world: int) -> None:
+    """The fields a torchrun FSDP record has, for the predicted rank (every rank holds the same shapes)."""
+    layout = trace.layout
+    by_collective: dict[str, int] = {}
+    for (kind, _ranks), (nbytes, _calls) in trace.comm.items():
+        by_collective[kind] = by_collective.get(kind, 0) + nbytes
+    record["mesh"] = layout.mesh_record()
+    record["comm_bytes"] = sum(by_collective.values())
+    record["comm_bytes_by_collective"] = by_collective
+    for name in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+        record[f"rank_{name}"] = [record[name]] * world
+    record["predicted"]["rank_peak_bytes"] = [record["predicted"]["peak_bytes"]] * world
+    record["warnings"].append(
+        f"fsdp (predicted): rank 0 of {world} traced in a fake process group (mesh fsdp {layout.fsdp} x cp "
+        f"{layout.cp}); every rank holds the same shapes (FSDP2 pads shards to equal size, context parallelism "
+        f"splits tokens evenly), so each rank's prediction is rank 0's; param/grad/optimizer_bytes, peak and "
+        f"FLOPs are per rank; communication time from the bytes each collective sends over the hardware's links")

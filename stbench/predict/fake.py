@@ -6,6 +6,7 @@ so the step runs on fake CPU tensors under CPU autocast; scaled_dot_product_atte
 CPU flash kernel, which saves what the CUDA flash / memory-efficient kernels save (q, k, v, out, logsumexp).
 
 Two steps run: the first creates the optimizer state, the second is the steady state that `run` measures.
+With `world` > 1 the case's FSDP (x context-parallel) layout is traced as one rank of a fake world (`sharded`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TORCH_DTYPES, Case
-from . import sparse
+from ..parallel import fsdp as fsdp_lib
+from . import sharded, sparse
 from .roofline import OpCost, launches_kernel, op_cost
 
 PARAMS, GRADS, OPTIMIZER, ACTIVATIONS = "params", "grads", "optimizer", "activations"
@@ -41,6 +43,9 @@ class StepTrace:
     optimizer_bytes: int = 0
     saved_activations: int = 0
     warnings: list = field(default_factory=list)
+    world: int = 1
+    layout: object = None  # the FSDPLayout traced (one of its ranks), None for one process
+    comm: dict = field(default_factory=dict)  # (kind, group ranks) -> [bytes this rank sends, calls], last step
 
     def live_at(self, index: int) -> dict:
         """Storage key -> bytes of the storages alive just after event `index`."""
@@ -61,28 +66,45 @@ class _Tracker(TorchDispatchMode):
         self.trace = trace
         self.keys: dict[int, int] = {}  # id(storage) -> key, while the storage lives
         self.next_key = 0
-        self.record_ops = False
+        self.record_ops = self.record_comm = False
+        self.watched: set[int] = set()  # ids of storages with a finalizer
 
-    def track(self, tensor: torch.Tensor) -> int:
-        storage = tensor.untyped_storage()
-        key = self.keys.get(id(storage))
-        if key is None:
-            key = self.next_key
-            self.next_key += 1
-            self.keys[id(storage)] = key
-            nbytes = storage.nbytes()
-            self.trace.sizes[key] = nbytes
-            self.trace.events.append((1, key, nbytes))
-            weakref.finalize(storage, self._freed, id(storage), key)
+    def _allocate(self, storage, nbytes: int) -> int:
+        key = self.next_key
+        self.next_key += 1
+        self.keys[id(storage)] = key
+        self.trace.sizes[key] = nbytes
+        self.trace.events.append((1, key, nbytes))
+        if id(storage) not in self.watched:
+            self.watched.add(id(storage))
+            weakref.finalize(storage, self._collected, id(storage))
         return key
 
-    def _freed(self, storage_id: int, key: int) -> None:
-        if self.keys.get(storage_id) == key:
-            del self.keys[storage_id]
-        self.trace.events.append((-1, key, self.trace.sizes[key]))
+    def track(self, tensor: torch.Tensor) -> int:
+        storage = sharded.local(tensor).untyped_storage()
+        key = self.keys.get(id(storage))
+        return self._allocate(storage, storage.nbytes()) if key is None else key
+
+    def _freed(self, storage_id: int) -> None:
+        key = self.keys.pop(storage_id, None)
+        if key is not None:
+            self.trace.events.append((-1, key, self.trace.sizes[key]))
+
+    def resized(self, storage, old: int, new: int) -> None:
+        """A storage resized in place (FSDP2 frees and re-allocates gathered parameters so): a free of the
+        old bytes, then an allocation of the new ones under a new key."""
+        if old == new:
+            return
+        self._freed(id(storage))
+        if new:
+            self._allocate(storage, new)
+
+    def _collected(self, storage_id: int) -> None:
+        self.watched.discard(storage_id)
+        self._freed(storage_id)
 
     def key_of(self, tensor: torch.Tensor) -> int | None:
-        return self.keys.get(id(tensor.untyped_storage()))
+        return self.keys.get(id(sharded.local(tensor).untyped_storage()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -90,8 +112,17 @@ class _Tracker(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
-        if self.record_ops and launches_kernel(func):
-            self.trace.ops.append(op_cost(func, args, kwargs, out))
+        if func.namespace == "c10d":  # communication: timed on the links, not as a kernel
+            sent = fsdp_lib.sent_bytes(str(func), args) if self.record_comm else None
+            if sent is not None:
+                group = fsdp_lib.op_group(args)
+                entry = self.trace.comm.setdefault((sent[0], group.size() if group is not None else 1), [0, 0])
+                entry[0] += int(sent[1])
+                entry[1] += 1
+        elif self.record_ops and launches_kernel(func):
+            # a rank computes on its shards: costs from the local tensors (DTensor sizes are global)
+            local_args, local_kwargs, local_out = torch.utils._pytree.tree_map(sharded.local, (args, kwargs, out))
+            self.trace.ops.append(op_cost(func, local_args, local_kwargs, local_out))
         return out
 
 
@@ -110,35 +141,51 @@ def _fake_parameters(model: torch.nn.Module) -> None:
 
 
 def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages (a DTensor's: its local shard's, padding included)."""
     seen, total = set(), 0
     for t in tensors:
-        storage = t.untyped_storage()
+        storage = sharded.local(t).untyped_storage()
         if id(storage) not in seen:
             seen.add(id(storage))
             total += storage.nbytes()
     return total
 
 
-def trace_step(case: Case, *, foreach: bool = True, steps: int = 2) -> StepTrace:
+def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int = 1) -> StepTrace:
     """Run `steps` fake training steps of `case`; the last one is traced as the steady state.
 
     foreach: AdamW's implementation (must be explicit under fake tensors): True as on CUDA, False as on CPU.
+    world: with `case.fsdp`, the ranks of the layout, of which rank 0 is traced (see `sharded`).
     """
-    trace = StepTrace()
+    if case.fsdp is None:
+        return _trace(case, foreach, steps, StepTrace())
+    with sharded.fake_world(world):
+        return _trace(case, foreach, steps, StepTrace(world=world))
+
+
+def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace:
     model = case.build_model("meta")
     model.set_training_mode(case.mode)
     model.train()
+    if trace.world > 1 or case.fsdp is not None:
+        trace.layout = sharded.shard(model, case, trace.world)
     autocast_dtype = None if case.dtype == "fp32" else TORCH_DTYPES[case.dtype]
     autocast = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     with FakeTensorMode(allow_non_fake_inputs=True), _Tracker(trace) as tracker, \
-            sparse.fake_friendly(model, trace) as adapters:
-        _fake_parameters(model)
+            sparse.fake_friendly(model, trace) as adapters, sharded.storage_resizes(tracker.resized):
+        if trace.layout is None:
+            _fake_parameters(model)
+        else:  # FSDP's shards (DTensors) are made by FSDP's own init path; ties do not survive sharding anyway
+            model.to_empty(device="cpu")
         for t in (*model.parameters(), *model.buffers()):
             trace.categories[tracker.track(t)] = PARAMS
         trainable = model.trainable_parameters()
         if not trainable:
             raise ValueError(f"{case.arch} has no trainable parameters in mode {case.mode!r}")
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=foreach)
+        # DTensor shards: AdamW steps the local shards, the same elementwise work and memory as stepping the
+        # DTensors, without DTensor's sharding propagation over every foreach op (minutes for a 14B model)
+        stepped = trainable if trace.layout is None else [torch.nn.Parameter(sharded.local(p)) for p in trainable]
+        optimizer = torch.optim.AdamW(stepped, lr=1e-4, foreach=foreach)
         batch = model.make_batch(case.batch, case.frames, case.resolution, case.resolution, device="cpu")
         for t in (batch.latents, batch.noise, batch.timesteps, batch.text):
             trace.categories[tracker.track(t)] = ACTIVATIONS
@@ -156,7 +203,7 @@ def trace_step(case: Case, *, foreach: bool = True, steps: int = 2) -> StepTrace
 
             if last:
                 trace.measure_from = len(trace.events)
-                tracker.record_ops = True
+                tracker.record_ops = tracker.record_comm = True
             with saved_tensors_hooks(pack, lambda t: t):
                 with autocast():
                     loss = model.loss(batch)
@@ -168,6 +215,9 @@ def trace_step(case: Case, *, foreach: bool = True, steps: int = 2) -> StepTrace
                     trace.categories.setdefault(key, ACTIVATIONS)
                 for p in trainable:
                     trace.categories[tracker.track(p.grad)] = GRADS
+            if stepped is not trainable:
+                for shard, p in zip(stepped, trainable):
+                    shard.grad = sharded.local(p.grad) if p.grad is not None else None
             optimizer.step()
             if last:
                 state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
@@ -175,11 +225,15 @@ def trace_step(case: Case, *, foreach: bool = True, steps: int = 2) -> StepTrace
                     trace.categories[tracker.track(t)] = OPTIMIZER
                 trace.optimizer_bytes = _storage_bytes(state)
             optimizer.zero_grad(set_to_none=True)
-        tracker.record_ops = False
+            for p in trainable:
+                p.grad = None
+        tracker.record_ops = tracker.record_comm = False
         trace.params_total = sum(p.numel() for p in model.parameters())
         trace.params_trainable = sum(p.numel() for p in trainable)
         trace.param_bytes = _storage_bytes(model.parameters())
-        trace.grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+        # a gradient has its parameter's layout: FSDP's gradient shards are padded like the parameter shards
+        trace.grad_bytes = (sum(p.numel() * p.element_size() for p in trainable) if trace.layout is None
+                            else _storage_bytes(trainable))
         trace.warnings.extend(adapters.warnings)
         del optimizer, batch, model
     return trace
