@@ -233,4 +233,5 @@ def _preset(kind: str, sizes: dict):
 for _name, (_kind, _description) in ARCHS.items():
     register(Architecture(name=_name, family="dit", config_cls=DiTConfig,
                           presets={p: _preset(_kind, s) for p, s in PRESETS.items()}, build=VideoDiT,
-                          description=_description, check_shape=check_shape))
+                          description=_description, check_shape=check_shape, tokens=DiTConfig.tokens,
+                          context_parallel=("ulysses", "ring")))

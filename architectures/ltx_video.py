@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
+from .video_transformers import (DiffusersVideoModel, SwapSettings, TokenPlan, check_latent_shape,
                                  register_video_transformer, video_grid)
 
 FRAME_RATE = 25  # the pipeline's default; RoPE positions are scaled by (temporal compression / fps, 32, 32)
@@ -38,6 +38,8 @@ class LTXVideo(DiffusersVideoModel):
     temporal_compression = 8
     objective = "flow"
     patch = (1, 1, 1)
+    token_plan = TokenPlan(shard="transformer.transformer_blocks.0", rotary="transformer.rope",
+                           gather="transformer.proj_out")
 
     def build_transformer(self, config: LTXVideoConfig):
         from diffusers import LTXVideoTransformer3DModel  # on use: it pulls in scipy and more

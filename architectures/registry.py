@@ -48,6 +48,12 @@ def get(name: str) -> Architecture:
     return _REGISTRY[name]
 
 
+def context_parallel_names() -> list[str]:
+    """The registered architectures that run under --context-parallel."""
+    _load()
+    return sorted(name for name, arch in _REGISTRY.items() if arch.context_parallel)
+
+
 def make_config(name: str, preset: str = "tiny", **overrides):
     """The preset's config with `overrides` (already typed) replacing fields."""
     arch = get(name)

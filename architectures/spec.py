@@ -13,7 +13,7 @@ class Architecture:
     """One registered architecture: its config class, size presets and builder."""
 
     name: str
-    family: str  # "unet" or "dit"
+    family: str  # "unet", "dit" or "video-transformer"
     config_cls: type
     presets: dict[str, Callable[[], Any]]
     build: Callable[[Any], VideoModel]
@@ -22,3 +22,8 @@ class Architecture:
     check_shape: Callable[[Any, int, int, int], None] | None = None
     modes: tuple[str, ...] = TRAINING_MODES  # `temporal` only where spatial and temporal parameters separate
     attention: tuple[str, ...] = ()  # choices of --set attention=..., where the model has them
+    # video tokens one self-attention sees for (config, frames, height, width): what context parallelism shards
+    tokens: Callable[[Any, int, int, int], int] | None = None
+    # --context-parallel modes the model runs: its forward follows the `cp` protocol once `model.context_parallel`
+    # is set (tokens sharded after patch embedding, self-attention through cp.attention, gathered at the end)
+    context_parallel: tuple[str, ...] = ()

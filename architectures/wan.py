@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
+from .video_transformers import (DiffusersVideoModel, SwapSettings, TokenPlan, check_latent_shape,
                                  register_video_transformer, video_grid)
 
 
@@ -34,6 +34,7 @@ class Wan(DiffusersVideoModel):
     temporal_compression = 4
     objective = "flow"
     patch = (1, 2, 2)
+    token_plan = TokenPlan(shard="transformer.blocks.0", rotary="transformer.rope", gather="transformer.proj_out")
 
     def build_transformer(self, config: WanConfig):
         from diffusers import WanTransformer3DModel  # on use: it pulls in scipy and more

@@ -90,9 +90,10 @@ class Case:
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise UserError(f"device: {self.device!r} is not legal; legal: cpu, cuda, cuda:N")
         if self.context_parallel is not None and (self.context_parallel not in CONTEXT_PARALLEL
-                                                  or arch.family != "dit"):
+                                                  or self.context_parallel not in arch.context_parallel):
             raise UserError(f"context_parallel: {self.context_parallel!r} is not legal for {self.arch}; legal: "
-                            f"{', '.join(CONTEXT_PARALLEL)} with a dit-* architecture")
+                            f"{', '.join(CONTEXT_PARALLEL)} with one of the archs "
+                            f"{', '.join(architectures.context_parallel_names())}")
         self._check_fsdp()
         config = self.model_config()  # validates the overrides
         if arch.check_shape is not None:

@@ -144,16 +144,32 @@ def _abort(rank: int, message: str, on_failure=None, code: int = 1, linger_s: fl
 
 def check_case(case: Case, world: int) -> None:
     """Shape conditions every rank can check alike before any collective; ValueError if not met."""
+    import architectures
+
     config = case.model_config()
-    tokens = config.tokens(case.frames, case.resolution, case.resolution)
+    tokens = architectures.get(case.arch).tokens(config, case.frames, case.resolution, case.resolution)
     if tokens % world:
-        raise ValueError(f"{tokens} tokens do not split over {world} ranks")
+        raise ValueError(f"{tokens} video tokens do not split over {world} context-parallel ranks; pick "
+                         f"frames/resolution whose token count is a multiple of {world}")
     if case.context_parallel == "ring" and config.attention == "dsv" and (tokens // world) % config.block_size:
         raise ValueError(f"ring + dsv: {tokens // world} tokens per rank is not a multiple of block_size "
                          f"{config.block_size} (--set block_size=...)")
     if case.context_parallel == "ring" and config.attention not in ("full", "dsv"):
-        raise ValueError(f"ring context parallelism supports dit-full and dit-dsv, not attention "
+        raise ValueError(f"ring context parallelism supports full and dsv self-attention, not attention "
                          f"{config.attention!r}; use ulysses")
+
+
+def check_sweep(sweep: Sweep, world: int) -> None:
+    """UserError, before any process group exists, for a case whose layout or shape cannot run on `world` ranks."""
+    from .fsdp import layout_of
+
+    for case in sweep.cases:
+        try:
+            cp = layout_of(case, world).cp if case.fsdp is not None else world
+            if cp > 1:
+                check_case(case, cp)
+        except ValueError as e:
+            raise UserError(f"--fsdp/--context-parallel for {results.case_slug(case.identity(world))}: {e}") from None
 
 
 def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
@@ -229,6 +245,7 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
     if sweep.device.startswith("cuda:"):
         raise UserError(f"device: {sweep.device!r} under torchrun; pass --device cuda (each rank uses "
                         f"cuda:LOCAL_RANK)")
+    check_sweep(sweep, _env_int("WORLD_SIZE", 1))
     rank, world, _ = init_process_group(sweep.device)
     out = Path(out)
     path = out / runfolder.RESULTS_FILE
@@ -248,22 +265,6 @@ def run_sweep_distributed(sweep: Sweep, out, args) -> int:
         for case in todo:
             state.case, state.written = case, False
             slug = results.case_slug(case.identity(world))
-            try:
-                if case.fsdp is not None:
-                    from .fsdp import layout_of
-
-                    layout = layout_of(case, world)
-                    if layout.cp > 1:
-                        check_case(case, layout.cp)
-                else:
-                    check_case(case, world)
-            except ValueError as e:  # the same on every rank: record it and go on
-                if rank == 0:
-                    record = results.new_record(case.identity(world))
-                    record.update(status="error", error=str(e), env=env.collect_env("cpu"))
-                    results.append_record(path, record)
-                    print(f"error {slug}: {e}", file=sys.stderr, flush=True)
-                continue
             try:
                 if case.fsdp is not None:
                     from .fsdp import measure_rank_fsdp

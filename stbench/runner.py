@@ -326,7 +326,8 @@ def execute(args: argparse.Namespace) -> int:
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit():
         raise UserError(f"WORLD_SIZE: expected an integer, got {world!r}")
-    if int(world) > 1:
+    # torchrun --nproc-per-node 1 ... --fsdp 1 (MASTER_ADDR set): FSDP on a one-rank mesh, through the same path
+    if int(world) > 1 or (sweep.fsdp is not None and "MASTER_ADDR" in os.environ):
         from .distributed import run_sweep_distributed
 
         if args.rounds > 1:

@@ -206,3 +206,72 @@ def test_video_transformers_run_on_fake_tensors(attention):
         with FakeTensorMode():
             model = architectures.build(arch, "tiny", attention=attention).set_training_mode("full").train()
             model.loss(model.make_batch(1, frames, res, res)).backward()
+
+
+class IdentityContextParallel:
+    """One-process stand-in for the `cp` object: identity sharding, the layer's own core; records calls."""
+
+    world, rank = 1, 0
+
+    def __init__(self):
+        self.calls = []
+
+    def shard_tokens(self, x):
+        self.calls.append(("shard", tuple(x.shape)))
+        return x
+
+    def gather_tokens(self, x):
+        self.calls.append(("gather", tuple(x.shape)))
+        return x
+
+    def attention(self, q, k, v, core):
+        self.calls.append(("attention", tuple(q.shape)))
+        return core.core(q, k, v)
+
+
+@pytest.mark.parametrize("name, attention", [("wan", "full"), ("wan", "window"), ("ltx-video", "full")])
+def test_context_parallel_hooks_follow_the_cp_protocol(name, attention):
+    """Hidden states sharded at the first block, rotary (cos, sin) sliced, every self-attention through
+    cp.attention, the output projection gathered; with identity sharding the output is the plain one."""
+    torch.manual_seed(0)
+    model = architectures.build(name, "tiny", attention=attention)
+    frames, resolution = TINY_SHAPE[name]
+    batch = model.make_batch(1, frames, resolution, resolution)
+    with torch.no_grad():
+        plain = model(batch.latents, batch.timesteps, batch.text)
+        cp = model.context_parallel = IdentityContextParallel()
+        hooked = model(batch.latents, batch.timesteps, batch.text)
+        model.context_parallel = None  # hooks removed: nothing recorded
+        model(batch.latents, batch.timesteps, batch.text)
+    torch.testing.assert_close(hooked, plain)
+    tokens = architectures.get(name).tokens(model.config, frames, resolution, resolution)
+    kinds = [kind for kind, _ in cp.calls]
+    # rotary first (cos, sin), then the first block's input, one attention per block, the output gathered
+    assert kinds == ["shard", "shard", "shard", "attention", "attention", "gather"]
+    assert all(shape[1] == tokens for _, shape in cp.calls[:3] + cp.calls[5:])
+    assert cp.calls[3][1] == (1, 2, tokens, 32)  # (B, H, N, D)
+
+
+def test_context_parallel_is_refused_for_families_without_a_token_plan():
+    for name in ("cogvideox", "hunyuan-video", "latte"):
+        with pytest.raises(UserError, match=r"^context_parallel: 'ring' is not legal for " + name +
+                           r"; legal: ulysses, ring with one of the archs dit-dsv, dit-full, .*ltx-video, wan$"):
+            Case(arch=name, mode="full", frames=9, context_parallel="ring")
+    assert Case(arch="wan", mode="full", frames=9, context_parallel="ulysses").context_parallel == "ulysses"
+
+
+def test_token_count_must_split_over_the_context_parallel_ranks():
+    from stbench.config import Sweep
+    from stbench.distributed import check_sweep
+
+    # wan: 1 frame at 48 px is 1 x 3 x 3 = 9 tokens
+    sweep = Sweep(archs=("wan",), frames=(1,), resolutions=(48,), mode="full", context_parallel="ulysses")
+    with pytest.raises(UserError, match="9 video tokens do not split over 2 context-parallel ranks"):
+        check_sweep(sweep, 2)
+    check_sweep(sweep, 3)
+    fsdp = Sweep(archs=("wan",), frames=(1,), resolutions=(48,), mode="full", context_parallel="ring", fsdp=1,
+                 activation_checkpointing="none")
+    with pytest.raises(UserError, match="9 video tokens do not split over 4"):
+        check_sweep(fsdp, 4)
+    check_sweep(Sweep(archs=("wan",), frames=(1,), resolutions=(48,), mode="full", fsdp=2,
+                      activation_checkpointing="none"), 2)  # no CP: any token count

@@ -9,6 +9,12 @@ Joint text-video attention (CogVideoX: text first, HunyuanVideo: text last): `wi
 visible to every video window and lets text queries attend to everything; `dsv` runs on the joint sequence
 (its estimator picks key blocks by content, text blocks included). A padding mask on the text is not applied
 on these paths; stbench's synthetic text has no padding.
+
+Context parallelism: with `processor.cp` set (the model sets it each forward, as it sets `grid`), q, k and v
+hold this rank's video tokens and the attention call goes to `cp.attention(q, k, v, core)` (the `cp` protocol
+of the home-made DiT), which lets self-attention see the whole sequence; `core` is the DSV module, or the
+processor itself (`core()`: full or window attention). Under context parallelism `full` is wrapped too
+(`wrap_processors`), so that its attention call can be routed; only video-only self-attention (text 'none').
 """
 from __future__ import annotations
 
@@ -84,14 +90,15 @@ class SwappedAttnProcessor(nn.Module):
 
     def __init__(self, inner, kind: str, heads: int, head_dim: int, cfg, text: str = "none"):
         super().__init__()
-        if kind not in ATTENTION_CHOICES[1:]:
-            raise ValueError(f"attention: a processor for {kind!r}; legal: {', '.join(ATTENTION_CHOICES[1:])}")
+        if kind not in ATTENTION_CHOICES:
+            raise ValueError(f"attention: a processor for {kind!r}; legal: {', '.join(ATTENTION_CHOICES)}")
         if text not in TEXT_POSITIONS:
             raise ValueError(f"text: {text!r}; legal: {', '.join(TEXT_POSITIONS)}")
         self.inner, self.kind, self.text, self.head_dim = inner, kind, text, head_dim
         self.window = tuple(cfg.window_size)
         self.dsv = make_dsv_core(heads, head_dim, cfg) if kind == "dsv" else None
         self.grid: tuple[int, int, int] | None = None  # video tokens (F, h, w) per sequence; the model sets it
+        self.cp = None  # a context-parallel helper (the `cp` protocol) or None; the model sets it
         self.calls = 0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
@@ -111,13 +118,28 @@ class SwappedAttnProcessor(nn.Module):
             raise ValueError(f"attention scale {scale} is not 1/sqrt(head_dim); the swap does not support it")
         if attn_mask is not None and self.text == "none":
             raise ValueError("the attention swap does not support masked video self-attention")
+        if self.cp is not None:
+            if self.text != "none":
+                raise ValueError("context parallelism supports video-only self-attention, not joint text-video")
+            if q.shape[2] * self.cp.world != math.prod(self.grid):
+                raise RuntimeError(f"{q.shape[2]} tokens x {self.cp.world} ranks do not match the video grid "
+                                   f"{self.grid}")
+            if self.dsv is not None:
+                self.dsv.grid = self.grid
+            return self.cp.attention(q, k, v, self.dsv if self.dsv is not None else self)  # (B, H, n, D)
         n_text = q.shape[2] - math.prod(self.grid) if self.text != "none" else 0
         if n_text < 0 or (self.text == "none" and q.shape[2] != math.prod(self.grid)):
             raise RuntimeError(f"{q.shape[2]} tokens do not match the video grid {self.grid}")
+        if self.kind == "dsv":
+            self.dsv.grid = self.grid if not n_text else None  # 3D cube query groups need a video-only sequence
+            return self.dsv.core(q, k, v)
+        return self.core(q, k, v, n_text=n_text)
+
+    def core(self, q, k, v, head_offset: int = 0, n_text: int = 0):  # (B, H, N, D) x3 -> (B, H, N, D)
+        """Full or window attention on whole sequences (heads in any subset: Ulysses calls it per head run)."""
         if self.kind == "window":
             return window_with_text(q, k, v, self.grid, self.window, self.text, n_text)
-        self.dsv.grid = self.grid if not n_text else None  # 3D cube query groups need a video-only sequence
-        return self.dsv.core(q, k, v)
+        return dense_attention(q, k, v)
 
 
 def install_attention(modules, kind: str, cfg, text: str = "none") -> list[SwappedAttnProcessor]:
@@ -126,6 +148,11 @@ def install_attention(modules, kind: str, cfg, text: str = "none") -> list[Swapp
         raise ValueError(f"attention: {kind!r} is not legal; legal: {', '.join(ATTENTION_CHOICES)}")
     if kind == "full":
         return []
+    return wrap_processors(modules, kind, cfg, text)
+
+
+def wrap_processors(modules, kind: str, cfg, text: str = "none") -> list[SwappedAttnProcessor]:
+    """Wrap the processor of each module in a SwappedAttnProcessor of `kind` (`full` too: context parallelism)."""
     wrapped = []
     for attn in modules:
         head_dim = attn.to_q.out_features // attn.heads

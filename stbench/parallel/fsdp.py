@@ -117,8 +117,9 @@ def local_bytes(tensors) -> int:
         if t is None:
             continue
         local = local_tensor(t)
-        # FSDP2 keeps each padded shard in its own storage; a view onto it is the unpadded part
-        total += local.untyped_storage().nbytes() if local.numel() else 0
+        # FSDP2 keeps each padded shard in its own storage; a view onto it is the unpadded part. A rank whose
+        # part is empty (a (1, 6, C) table over 2 ranks) still holds its padded shard: counted too
+        total += local.untyped_storage().nbytes()
     return total
 
 

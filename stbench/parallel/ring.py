@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from architectures.attention.dsv import DSVAttention, block_sums, blocks_to_cover, estimate_block_scores, select_blocks
 from architectures.attention.full import FullAttention
+from architectures.attention.processors import SwappedAttnProcessor
 from architectures.attention.sparse import block_sparse_attention
 
 from .context_parallel import (CommCounter, ContextParallel, all_gather_counted, all_to_all_rows, allreduce_bytes,
@@ -220,9 +221,11 @@ class RingParallel(ContextParallel):
     def attention(self, q, k, v, attn):  # (B, H, n, D) x3 local -> (B, H, n, D)
         if isinstance(attn, DSVAttention):
             return self._dsv_attention(q, k, v, attn)
-        if type(attn) is not FullAttention:  # window / factorised masks do not follow the ring's chunks
+        # full attention: the DiT's, or a diffusers layer's wrapped processor; window / factorised masks do not
+        # follow the ring's chunks
+        if not (type(attn) is FullAttention or (isinstance(attn, SwappedAttnProcessor) and attn.kind == "full")):
             raise ValueError(f"ring context parallelism supports full and DSV self-attention, not "
-                             f"{type(attn).__name__}; use ulysses")
+                             f"{type(attn).__name__}{f' {attn.kind}' if hasattr(attn, 'kind') else ''}; use ulysses")
         self.layer_work[id(attn)] = [q.shape[1] / self.world] * self.world
         return ring_attention(q, k, v, group=self.group, counter=self.counter)
 
