@@ -317,3 +317,52 @@ def test_out_of_memory_on_any_rank_makes_the_case_oom_and_ends_every_rank(tmp_pa
         assert "stbench: error: rank 1 failed in case dit-full-tiny" in err and "[out of memory]" in err, err
     (record,) = results.read_records(tmp_path / "run")
     assert record["status"] == "oom" and record["fsdp"] == 2 and record["world_size"] == 2
+
+
+def _predicted(args: list[str], tmp_path) -> dict:
+    from stbench import results
+    from stbench.cli import main
+
+    assert main(["predict", "--preset", "tiny", *args, "--out", str(tmp_path / "predicted")]) == 0
+    (record,) = results.read_records(tmp_path / "predicted")
+    return record
+
+
+@pytest.mark.slow
+def test_predicted_rank_matches_the_gloo_run_bytes_exactly_and_host_peak_within_25_percent(tmp_path):
+    """`stbench predict --world-size 2 --fsdp 2 --hardware cpu` (one rank in a fake process group) against the
+    same layout run on 2 gloo processes: shards and every collective's bytes exact, the peak within 25% of each
+    rank's measured host_peak_bytes (dit-full 256 px x 8 frames: activations dominate, as at full size)."""
+    from stbench import results
+
+    shape = ["--arch", "dit-full", "--mode", "full", "--resolution", "256", "--frames", "8", "--fsdp", "2"]
+    codes, errs = _launch(tmp_path, 2, [*shape, "--device", "cpu", "--repeats", "2", "--no-progress"],
+                          extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"})  # as test_predict's CPU validation
+    assert codes == [0, 0], errs
+    (measured,) = results.read_records(tmp_path / "run")
+    predicted = _predicted([*shape, "--world-size", "2", "--hardware", "cpu"], tmp_path)
+    assert predicted["status"] == "ok" and predicted["world_size"] == 2 and predicted["mesh"] == measured["mesh"]
+    for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "comm_bytes", "comm_bytes_by_collective",
+                 "rank_param_bytes", "rank_grad_bytes", "rank_optimizer_bytes"):
+        assert predicted[name] == measured[name], name
+    peak = predicted["predicted"]["rank_peak_bytes"]
+    for rank, host_peak in enumerate(measured["rank_host_peak_bytes"]):
+        assert abs(peak[rank] - host_peak) <= 0.25 * host_peak, (rank, peak[rank], host_peak)
+    assert any("rank 0 of 2 traced in a fake process group" in w for w in predicted["warnings"])
+
+
+def test_predicted_ring_layout_sends_what_the_gloo_run_sent(tmp_path):
+    """wan tiny, fsdp 1 x ring 2 (world 2) and fsdp 2 x ring 2 (world 4): the predicted rank's bytes per
+    collective equal those of the committed gloo runs (reports/cpu/fsdp/wan-w*-ring, fp32)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "reports" / "cpu" / "fsdp"
+    for world, folder in ((2, "wan-w2-fsdp1-ring"), (4, "wan-w4-fsdp2-ring")):
+        measured = [json.loads(line) for line in (root / folder / "results.jsonl").read_text().splitlines()][-1]
+        predicted = _predicted(["--arch", "wan", "--mode", "full", "--resolution", "64", "--frames", "29",
+                                "--world-size", str(world), "--fsdp", str(world // 2), "--context-parallel", "ring",
+                                "--hardware", "cpu"], tmp_path / str(world))
+        assert predicted["mesh"] == measured["mesh"] == {"fsdp": world // 2, "cp": 2, "shard_over": "fsdp x cp"}
+        for name in ("comm_bytes", "comm_bytes_by_collective", "param_bytes", "grad_bytes", "optimizer_bytes"):
+            assert predicted[name] == measured[name], (world, name)

@@ -1,6 +1,7 @@
 """stbench predict: allocator replay, exact counts against run, CPU validation against host RSS, frontier, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -214,3 +215,110 @@ def test_report_shows_predictions_labelled_with_their_error(tmp_path, toy_case):
     html = render_report(tmp_path).read_text()
     assert "Predicted (stbench predict; not measurements)" in html and "What fits on which GPU (predicted)" in html
     assert "OOM frontier" not in html  # predictions never enter the measured figures
+
+
+def _sharded(case: Case, world: int) -> Case:
+    return dataclasses.replace(case, fsdp=case.fsdp or world, activation_checkpointing="none",
+                               fsdp_reshard_after_forward=True, fsdp_mixed_precision=False)
+
+
+def test_storage_resizes_are_a_free_then_an_allocation():
+    """FSDP2 frees gathered parameters with `storage.resize_(0)` and re-allocates them with `resize_(n)`."""
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from stbench.predict import sharded
+
+    trace = fake.StepTrace()
+    with FakeTensorMode(), fake._Tracker(trace) as tracker:
+        import torch
+
+        t = torch.empty(100)
+        key = tracker.track(t)
+        with sharded.storage_resizes(tracker.resized):
+            t.untyped_storage().resize_(0)
+            t.untyped_storage().resize_(400)
+        again = tracker.key_of(t)
+        del t
+        gc.collect()
+    assert trace.events[:4] == [(1, key, 400), (-1, key, 400), (1, again, 400), (-1, again, 400)] and again != key
+
+
+def test_link_time_per_collective_and_how_it_adds_to_the_step():
+    from stbench.predict import sharded
+
+    h100 = hardware.get("h100-sxm")
+    comm = {("all_gather", 8): [450_000_000, 2],  # 8 ranks: one node, NVLink 450 GB/s per direction
+            ("reduce_scatter", 16): [50_000_000, 1],  # 16 ranks: two nodes, InfiniBand 50 GB/s per GPU
+            ("all_to_all", 2): [45_000_000, 4]}
+    t = sharded.comm_time(comm, h100)
+    assert t.by_kind_ms == pytest.approx({"all_gather": 1.0 + 0.02, "reduce_scatter": 1.0 + 0.02,
+                                          "all_to_all": 0.1 + 0.04})
+    assert (t.overlapped_ms, t.blocking_ms) == pytest.approx((2.04, 0.14))
+    assert t.links == {"all_gather": "NVLink 4 (NVSwitch)", "reduce_scatter": "InfiniBand NDR 400 Gb/s per GPU",
+                       "all_to_all": "NVLink 4 (NVSwitch)"}
+    assert sharded.comm_time({("all_gather", 2): [1, 1]}, hardware.get("cpu")) is None  # no link model
+    assert all(h.intra_link and h.inter_link and h.sources["intra_link"] for h in hardware.HARDWARE.values())
+
+
+def test_sharded_prediction_holds_one_padded_shard_and_counts_fsdp_bytes(toy_case):
+    import architectures
+    from stbench.parallel import fsdp as fsdp_lib
+
+    case = _sharded(toy_case(mode="full"), 4)
+    record = estimate.predict_case(case, hardware.get("h100-sxm"), world=4)
+    model = architectures.build(TOY_ARCH, "tiny")
+    units = [list(u.parameters()) for u in model.fsdp_units()]
+    in_units = {id(p) for ps in units for p in ps}
+    units.append([p for p in model.parameters() if id(p) not in in_units])
+    padded = 4 * sum(fsdp_lib.padded_shard_numel(p.shape, 4) for p in model.parameters())
+    assert record["status"] == "ok" and record["world_size"] == 4 and record["mesh"]["fsdp"] == 4
+    assert record["param_bytes"] == record["grad_bytes"] == padded and record["rank_param_bytes"] == [padded] * 4
+    assert record["comm_bytes_by_collective"] == fsdp_lib.analytic_fsdp_bytes(
+        [[p.shape for p in ps] for ps in units], [[True] * len(ps) for ps in units], 4, element_size=4,
+        param_element_size=4)
+    p = record["predicted"]
+    assert p["step_ms"] == pytest.approx(max(p["kernels_ms"], p["comm_overlapped_ms"]) + p["comm_blocking_ms"])
+    assert p["step_ms_serial"] == pytest.approx(p["kernels_ms"] + p["comm_ms"]) and p["comm_ms"] > 0
+    assert p["rank_peak_bytes"] == [p["peak_bytes"]] * 4
+
+
+def test_resharding_after_forward_frees_the_gathered_parameters():
+    base = Case(arch="dit-full", preset="tiny", mode="full", frames=8, resolution=64, device="cpu")
+    cpu = hardware.get("cpu")
+    kept, freed = (estimate.predict_case(dataclasses.replace(_sharded(base, 4), fsdp_reshard_after_forward=r),
+                                         cpu, world=4)["predicted"] for r in (False, True))
+    assert freed["allocated_bytes"] < kept["allocated_bytes"]
+
+
+def test_fewest_gpus_that_fit(tmp_path):
+    base = Case(arch="dit-full", preset="tiny", mode="full", frames=8, resolution=64, device="cpu")
+    cpu = hardware.get("cpu")
+    peaks = {w: estimate.predict_case(_sharded(base, w) if w > 1 else base, cpu, world=w)["predicted"]["peak_bytes"]
+             for w in (1, 2, 4, 8)}
+    assert peaks[1] > peaks[2] > peaks[4] > peaks[8]  # shards of parameters, gradients and AdamW state shrink
+    target = Hardware(name="small", label="a host between 2 and 4 ranks' needs", memory_bytes=(peaks[2] + peaks[4]) // 2,
+                      bandwidth_bytes_s=None, caching_allocator=False, context_bytes=0)
+    predict = command.Predictor(tmp_path, {}, echo=lambda line: None)
+
+    def make(world):
+        return _sharded(base, world) if world > 1 else base
+
+    assert command.fewest_gpus(predict, make, target, start=1) == (4, "fits")
+    tight = Hardware(name="tight", label="smaller than any rank's activations", memory_bytes=peaks[8] // 2,
+                     bandwidth_bytes_s=None, caching_allocator=False, context_bytes=0)
+    n, why = command.fewest_gpus(predict, make, tight, start=1)
+    assert n is None and "more GPUs do not help" in why
+
+
+def test_predict_layout_bad_input_is_one_line(tmp_path, capsys):
+    for args, message in ((["--world-size", "3", "--fsdp", "2"], "world-size 3: --fsdp 2 does not divide the world"),
+                          (["--world-size", "0"], "world-size: must be >= 1"),
+                          (["--world-size", "2", "--fsdp", "1"], "pass --context-parallel ulysses|ring"),
+                          (["--activation-checkpointing", "blocks"], "activation_checkpointing: only with --fsdp")):
+        assert main(["predict", "--arch", "dit-full", "--mode", "full", "--resolution", "64", "--frames", "8",
+                     *args, "--out", str(tmp_path / "x")]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("stbench: error: ") and message in err and "\n" not in err, (args, err)
+    assert not (tmp_path / "x").exists()
