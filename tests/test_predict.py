@@ -194,6 +194,11 @@ def test_predict_command_writes_resumes_and_rejects_bad_input(tmp_path, capsys):
     lines = capsys.readouterr().out
     assert "16px b1 on cpu: largest fitting frames 64 (predicted)" in lines  # 64: the toy's largest legal
     assert "2 frames b1 on cpu: largest fitting resolution 8192px (predicted)" in lines
+    assert (tmp_path / "f" / "frontier.txt").read_text().splitlines() == [
+        line for line in lines.splitlines() if line.startswith("frontier ")]
+    assert main([*frontier_argv[:-4], "h100-sxm", "--frontier", "gpus", "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "frontier.txt").read_text() == \
+        "frontier toy-mlp 16px x2 b1 on h100-sxm: fewest GPUs that fit 1 (fsdp; predicted)\n"
 
 
 def test_report_shows_predictions_labelled_with_their_error(tmp_path, toy_case):
@@ -316,7 +321,8 @@ def test_predict_layout_bad_input_is_one_line(tmp_path, capsys):
     for args, message in ((["--world-size", "3", "--fsdp", "2"], "world-size 3: --fsdp 2 does not divide the world"),
                           (["--world-size", "0"], "world-size: must be >= 1"),
                           (["--world-size", "2", "--fsdp", "1"], "pass --context-parallel ulysses|ring"),
-                          (["--activation-checkpointing", "blocks"], "activation_checkpointing: only with --fsdp")):
+                          (["--world-size", "2", "--context-parallel", "ring"], "context-parallel: predict models "
+                                                                                 "FSDP layouts; pass --fsdp F")):
         assert main(["predict", "--arch", "dit-full", "--mode", "full", "--resolution", "64", "--frames", "8",
                      *args, "--out", str(tmp_path / "x")]) == 2, args
         err = capsys.readouterr().err.strip()

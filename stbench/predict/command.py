@@ -22,6 +22,7 @@ from .estimate import predict_case
 MAX_FRAMES = 4096  # the frontier searches stop here
 MAX_RESOLUTION = 8192
 MAX_GPUS = 4096
+FRONTIER_FILE = "frontier.txt"
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class PredictSweep:
     mode: str = "temporal"
     dtype: str | None = None  # None: bf16 on GPUs, fp32 on the CPU
     overrides: tuple[tuple[str, str], ...] = ()
-    frontier: bool = False
+    frontier: str | None = None  # None: the grid; "shapes", "gpus" or "all" (see --frontier)
     world_sizes: tuple[int, ...] = (1,)  # GPUs of the layout; > 1 (or fsdp set): one FSDP rank is predicted
     fsdp: int | None = None  # None with a world > 1: FSDP over every rank (no context parallelism)
     context_parallel: str | None = None
@@ -70,7 +71,12 @@ class PredictSweep:
         if world < 1:
             raise UserError(f"world-size: must be >= 1, got {world}")
         fsdp = self.fsdp if world == self.world_sizes[0] or self.fsdp is None else world // self.cp_degree
-        if fsdp is None and (world > 1 or self.context_parallel is not None):
+        if self.context_parallel is not None and self.fsdp is None:
+            raise UserError("context-parallel: predict models FSDP layouts; pass --fsdp F as well (F x the "
+                            "context-parallel degree = --world-size)")
+        fsdp_asked = any(v is not None for v in (self.activation_checkpointing, self.fsdp_reshard_after_forward,
+                                                 self.fsdp_mixed_precision))
+        if fsdp is None and (world > 1 or fsdp_asked):
             fsdp = world
         settings = dict(fsdp=fsdp, activation_checkpointing=self.activation_checkpointing,
                         fsdp_reshard_after_forward=self.fsdp_reshard_after_forward,
@@ -106,10 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", default="1", help="comma-separated GPU counts: with more than one (or "
                         "--fsdp), one rank of an FSDP2 (x --context-parallel) layout is predicted (default 1)")
     add_parallel_arguments(parser, launched="on --world-size GPUs")
-    parser.add_argument("--frontier", action="store_true",
-                        help="instead of the grid: the largest frame count predicted to fit at each resolution, the "
-                        "largest resolution at each frame count (bisection over fake runs), and the fewest GPUs "
-                        "predicted to fit each case (FSDP over powers of two)")
+    parser.add_argument("--frontier", nargs="?", const="all", choices=("shapes", "gpus", "all"), default=None,
+                        help="instead of the grid (also written to OUT/frontier.txt): 'shapes': the largest frame "
+                        "count predicted to fit at each resolution and the largest resolution at each frame count "
+                        "(bisection over fake runs); 'gpus': the fewest GPUs predicted to fit each case (FSDP over "
+                        "powers of two, --context-parallel degree kept); 'all' (the default): both")
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/predict-<UTC time>)")
 
@@ -261,42 +268,42 @@ def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int 
     return world, "fits"
 
 
-def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware) -> None:
-    """Largest frames per resolution, and largest resolution per frame count, at each batch and world size,
-    and the fewest GPUs that fit each case (printed)."""
+def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, emit) -> None:
+    """The fewest GPUs that fit each case, then the largest frames per resolution and largest resolution
+    per frame count at each batch and world size (as `sweep.frontier` asks; each line to `emit`)."""
     for b, r, f in ((b, r, f) for b in sweep.batches for r in sweep.resolutions for f in sweep.frames):
-        if target.name == "cpu":
+        if target.name == "cpu" or sweep.frontier == "shapes":
             break
         n, why = fewest_gpus(predict, lambda w: sweep.case(arch, target.name, r, f, b, w), target,
                              start=sweep.cp_degree)
         layout = (f"fsdp x {sweep.context_parallel} {sweep.cp_degree}" if sweep.context_parallel else "fsdp") + (
             f", activation checkpointing {sweep.activation_checkpointing}"
             if sweep.activation_checkpointing not in (None, "none") else "")
-        print(f"frontier {arch} {r}px x{f} b{b} on {target.name}: fewest GPUs that fit "
-              f"{n if n is not None else f'none ({why})'} ({layout}; predicted)")
-    for w in sweep.world_sizes:
-        _shape_frontiers(sweep, predict, arch, target, w)
+        emit(f"frontier {arch} {r}px x{f} b{b} on {target.name}: fewest GPUs that fit "
+             f"{n if n is not None else f'none ({why})'} ({layout}; predicted)")
+    for w in sweep.world_sizes if sweep.frontier != "gpus" else ():
+        _shape_frontiers(sweep, predict, arch, target, w, emit)
 
 
-def _shape_frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, w: int) -> None:
+def _shape_frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, w: int, emit) -> None:
     """Largest frames per resolution, and largest resolution per frame count, on `w` GPUs (printed)."""
     on = f"{target.name}" + (f" x{w}" if w > 1 else "")
     for b in sweep.batches:
         for r in sweep.resolutions:
             good, bad = frontier(lambda c, t: predict(c, t, w), lambda f: sweep.case(arch, target.name, r, f, b, w),
                                  target, MAX_FRAMES)
-            print(f"frontier {arch} {r}px b{b} on {on}: largest fitting frames "
-                  f"{good if good is not None else 'none'}{'' if bad is None else f' ({bad} does not fit)'} "
-                  f"(predicted)")
+            emit(f"frontier {arch} {r}px b{b} on {on}: largest fitting frames "
+                 f"{good if good is not None else 'none'}{'' if bad is None else f' ({bad} does not fit)'} "
+                 f"(predicted)")
         for f in sweep.frames:
             step = resolution_step(lambda res: sweep.case(arch, target.name, res, f, b, w))
             if step is None:
                 continue
             good, bad = frontier(lambda c, t: predict(c, t, w), lambda k: sweep.case(arch, target.name, k * step, f, b, w),
                                  target, MAX_RESOLUTION // step)
-            print(f"frontier {arch} {f} frames b{b} on {on}: largest fitting resolution "
-                  f"{f'{good * step}px' if good is not None else 'none'}"
-                  f"{'' if bad is None else f' ({bad * step}px does not fit)'} (predicted)")
+            emit(f"frontier {arch} {f} frames b{b} on {on}: largest fitting resolution "
+                 f"{f'{good * step}px' if good is not None else 'none'}"
+                 f"{'' if bad is None else f' ({bad * step}px does not fit)'} (predicted)")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -308,10 +315,16 @@ def execute(args: argparse.Namespace) -> int:
     done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
     predict = Predictor(out, done)
     targets = [hw.get(name) for name in sweep.hardware]
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        with open(out / FRONTIER_FILE, "a") as f:  # appended line by line: a killed search keeps its answers
+            f.write(line + "\n")
+
     for arch in sweep.archs:
         for target in targets:
             if sweep.frontier:
-                _frontiers(sweep, predict, arch, target)
+                _frontiers(sweep, predict, arch, target, emit)
                 continue
             for r in sweep.resolutions:
                 for b in sweep.batches:
