@@ -12,7 +12,7 @@ COMMANDS = {
     "gate": ("stbench.gate", "compare a run against a baseline; exit 1 on a regression"),
     "report": ("stbench.report", "render the self-contained HTML report of a run"),
     "inspect": ("stbench.inspect", "print parameter counts and saved-activation bytes of architectures"),
-    "plan": ("stbench.planner", "estimate context-parallel layouts from single-GPU results"),
+    "plan": ("stbench.planner", "rank the FSDP x context-parallel layouts of N GPUs by predicted throughput"),
     "list": ("stbench.listing", "list architectures: family, presets with parameter counts, attention, modes"),
     "predict": ("stbench.predict.command", "predict peak memory and step time on named GPUs, without a GPU"),
     "attention": ("stbench.attention_bench", "time sparse attention backends against SDPA (forward+backward)"),

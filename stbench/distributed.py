@@ -159,15 +159,20 @@ def check_case(case: Case, world: int) -> None:
                          f"{config.attention!r}; use ulysses")
 
 
-def check_sweep(sweep: Sweep, world: int) -> None:
-    """UserError, before any process group exists, for a case whose layout or shape cannot run on `world` ranks."""
+def check_layout(case: Case, world: int) -> None:
+    """ValueError for a case whose layout or shape cannot run on `world` ranks (run, predict and plan ask)."""
     from .fsdp import layout_of
 
+    cp = layout_of(case, world).cp if case.fsdp is not None else world
+    if cp > 1:
+        check_case(case, cp)
+
+
+def check_sweep(sweep: Sweep, world: int) -> None:
+    """UserError, before any process group exists, for a case whose layout or shape cannot run on `world` ranks."""
     for case in sweep.cases:
         try:
-            cp = layout_of(case, world).cp if case.fsdp is not None else world
-            if cp > 1:
-                check_case(case, cp)
+            check_layout(case, world)
         except ValueError as e:
             raise UserError(f"--fsdp/--context-parallel for {results.case_slug(case.identity(world))}: {e}") from None
 

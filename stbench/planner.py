@@ -1,346 +1,202 @@
-"""`python -m stbench plan`: estimate context-parallel layouts of a DiT from single-GPU measurements.
+"""`python -m stbench plan`: every layout of N GPUs that stbench can run for one training case, each predicted
+by `stbench predict` (one rank of FSDP2 x context parallelism in a fake process group), ranked by throughput.
 
-The model (stated, so it can be argued with):
-
-* A measured single-GPU step `t1` splits into self-attention and the rest by analytic FLOP share (both run
-  at the same achieved throughput). Self-attention FLOPs use each head's dense-equivalent work
-  (1 - sparsity for DSV's sparse heads, 1 otherwise). At another sequence length (--tokens) attention
-  scales with T^2 and the rest with T; sparsity is assumed unchanged.
-* Layout u x r (u-way head-wise Ulysses inside r-way sequence-wise ring, u * r = N GPUs): the rest scales
-  with 1/N. Attention per rank: per layer, heads are placed on the u head groups longest-processing-time
-  first, a rank's time follows its group's work (the most loaded group sets the pace) divided by r
-  (queries split evenly; sparse work assumed uniform along the sequence).
-* Bytes a rank sends per step, per layer (e = activation bytes, fp32 dk/dv in ring backward):
-  Ulysses 4 all-to-alls forward + 4 backward of (u-1)/u of a (B, H, T/N, D) tensor; dense ring
-  (r-1) hops of k+v forward and (r-1) of k+v plus dk+dv backward on H/u heads of T/r tokens; DSV sparse
-  heads in the ring move only needed blocks: a rank's queries (q = T/(r*bs) blocks) need a remote block
-  with probability 1 - s^q (selections independent per query block: an upper estimate when selections are
-  shared), plus the all-gathered low-rank key estimates. Per step: the token all-gather before the final
-  layer (N-1)/N of (B, T, C) and the gradient all-reduce 2 (N-1)/N of grad_bytes.
-* Time of bytes = bytes / link bandwidth. Ring forward overlaps its k/v hops with attention compute
-  (max of the two); its backward, the all-to-alls, the token gather and the gradient all-reduce do not.
+Layouts: FSDP over all N GPUs, and FSDP (N / c) x Ulysses or ring (c) for every divisor c > 1 of N, each with
+the activation checkpointing asked for. A layout is *runnable* when `torchrun --nproc-per-node N -m stbench run
+--fsdp ...` accepts it (the architecture supports the context-parallel mode, tokens and heads divide, the
+checkpointing has modules to recompute) and its prediction ran; only runnable layouts that are predicted to fit
+are ranked. Throughput is the global batch (batch x FSDP degree) per predicted step; the step is the kernels'
+roofline time with FSDP's and the ring's traffic overlapped and Ulysses' all-to-alls added (`predict.estimate`).
+Every figure is a prediction, and is printed as one.
 """
 from __future__ import annotations
 
 import argparse
-import heapq
-import math
-from dataclasses import dataclass, field
+import dataclasses
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-from .config import TORCH_DTYPES, Case
+import architectures
+
+from . import results, runfolder
+from .config import CONTEXT_PARALLEL, DTYPES, Case, json_settings, parse_set_options
 from .errors import UserError
-from .results import frame_records, load_frame
+from .overrides import comma_list
+from .parallel.fsdp import ACTIVATION_CHECKPOINTING
+from .predict import hardware as hw
+from .predict.command import Predictor
+from .units import format_bytes
 
-FLOPS_PER_MAC = 2
-BACKWARD_FACTOR = 3.0  # forward + backward = 3x forward FLOPs
-FORWARD_SHARE = 1.0 / BACKWARD_FACTOR
-TEXT_TOKENS = 77
-ESTIMATOR_SAMPLES = 64
+PLAN_FILE = "plan.txt"
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs from a record: sizes of the DiT and of the measured step."""
+class Layout:
+    """One way to spread a case over GPUs: FSDP degree x context-parallel degree, and checkpointing."""
 
-    arch: str
-    batch: int
-    tokens: int
-    depth: int
-    heads: int
-    head_dim: int
-    hidden: int
-    mlp_ratio: float
-    block_size: int
-    estimator_rank: int
-    element_size: int
-    grad_bytes: int
-    dsv: bool
+    fsdp: int
+    cp: int = 1
+    context_parallel: str | None = None
+    activation_checkpointing: str = "none"
+
+    @property
+    def name(self) -> str:
+        cp = f" x {self.context_parallel} {self.cp}" if self.context_parallel else ""
+        ac = f", checkpointing {self.activation_checkpointing}" if self.activation_checkpointing != "none" else ""
+        return f"fsdp {self.fsdp}{cp}{ac}"
+
+    def case(self, base: Case) -> Case:
+        """`base` laid out so (UserError where stbench cannot run it)."""
+        return dataclasses.replace(base, fsdp=self.fsdp, context_parallel=self.context_parallel,
+                                   activation_checkpointing=self.activation_checkpointing,
+                                   fsdp_reshard_after_forward=True, fsdp_mixed_precision=False)
+
+
+def layouts(gpus: int, checkpointing: tuple[str, ...]) -> list[Layout]:
+    """FSDP over all GPUs, then every FSDP x CP factorisation, for each checkpointing choice."""
+    found = []
+    for ac in checkpointing:
+        found.append(Layout(gpus, 1, None, ac))
+        for cp in range(2, gpus + 1):
+            if gpus % cp == 0:
+                found.extend(Layout(gpus // cp, cp, mode, ac) for mode in CONTEXT_PARALLEL)
+    return found
 
 
 @dataclass
-class Estimate:
-    """One layout's estimated step time and bytes per rank per step."""
+class Row:
+    """A layout with its prediction, or why stbench cannot run it."""
 
-    layout: str
-    ulysses: int
-    ring: int
-    step_ms: float
-    comm_bytes: int
-    attention_imbalance: float  # most loaded rank / mean
-    parts_ms: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    layout: Layout
+    record: dict | None = None
+    unrunnable: str | None = None
 
+    @property
+    def fits(self) -> bool:
+        return self.record is not None and self.record["status"] == "ok"
 
-def _dims(record: dict, index: int) -> ModelShape:
-    try:
-        case = Case(arch=record["arch"], preset=record["preset"], mode=record["mode"] or "full",
-                    batch=record["batch"], frames=record["frames"], resolution=record["resolution"],
-                    dtype=record["dtype"] or "fp32", device=(record["device"] or "cpu"),
-                    overrides=tuple(sorted((record.get("overrides") or {}).items())))
-        config = case.model_config()
-    except (UserError, TypeError, KeyError) as e:
-        raise UserError(f"record {index}: cannot rebuild its model config ({e})") from None
-    if not hasattr(config, "heads") or not hasattr(config, "patch_size"):
-        raise UserError(f"record {index}: {record['arch']} is not a DiT; plan covers dit-* architectures")
-    tokens = config.tokens(case.frames, case.resolution, case.resolution)
-    return ModelShape(arch=case.arch, batch=case.batch, tokens=tokens, depth=config.depth, heads=config.heads,
-                      head_dim=config.head_dim, hidden=config.hidden_size, mlp_ratio=config.mlp_ratio,
-                      block_size=config.block_size, estimator_rank=config.estimator_rank,
-                      element_size=TORCH_DTYPES[case.dtype].itemsize,
-                      grad_bytes=int(record.get("grad_bytes") or 0), dsv=config.attention == "dsv")
+    @property
+    def samples_per_s(self) -> float | None:
+        p = (self.record or {}).get("predicted") or {}
+        if not self.fits or not p.get("step_ms"):
+            return None
+        return self.layout.fsdp * self.record["batch"] / (p["step_ms"] / 1e3)
 
 
-def head_sparsity(record: dict, shape: ModelShape) -> list[list[float]]:
-    """Per layer, per head sparsity (0 for dense heads) from the record's dsv profile.
+def plan(base: Case, gpus: int, target: hw.Hardware, predict, checkpointing: tuple[str, ...]) -> list[Row]:
+    """Every layout predicted (or refused), fastest first among those that fit."""
+    from .distributed import check_layout  # noqa: local - torch.distributed only when planning
 
-    Uses dsv.head_sparsity (layers x heads) when present; otherwise rebuilds heads from the per-layer mean
-    (dsv.layer_sparsity, dense heads counted as 0) and dsv.sparse_head_fraction: that many heads per layer
-    are sparse, sharing the layer's sparsity, the rest dense.
-    """
-    dense = [[0.0] * shape.heads for _ in range(shape.depth)]
-    profile = record.get("dsv") if shape.dsv else None
-    if not profile:
-        return dense
-    if not isinstance(profile, dict):
-        raise UserError(f"{shape.arch}: record's dsv field is not an object")
-    per_head = profile.get("head_sparsity")
-    if per_head is not None:
-        if len(per_head) != shape.depth or any(len(row) != shape.heads for row in per_head):
-            raise UserError(f"{shape.arch}: dsv.head_sparsity must be {shape.depth} layers x {shape.heads} heads")
-        return [[_fraction(s, "dsv.head_sparsity") for s in row] for row in per_head]
-    layers = profile.get("layer_sparsity")
-    if layers is None:
-        return dense
-    if len(layers) != shape.depth:
-        raise UserError(f"{shape.arch}: dsv.layer_sparsity has {len(layers)} layers, the model {shape.depth}")
-    fraction = _fraction(profile.get("sparse_head_fraction") or 0.0, "dsv.sparse_head_fraction")
-    out = []
-    for mean in layers:
-        mean = _fraction(mean, "dsv.layer_sparsity")
-        sparse = max(1, round(fraction * shape.heads)) if mean > 0 else 0
-        each = min(0.99, mean * shape.heads / sparse) if sparse else 0.0
-        out.append([each] * sparse + [0.0] * (shape.heads - sparse))
-    return out
+    rows = []
+    for layout in layouts(gpus, checkpointing):
+        try:
+            case = layout.case(base)
+            check_layout(case, gpus)
+        except (UserError, ValueError) as e:
+            rows.append(Row(layout, unrunnable=str(e)))
+            continue
+        try:
+            record = predict(case, target, gpus)
+        except UserError as e:  # refused while sharding (e.g. no modules to checkpoint)
+            rows.append(Row(layout, unrunnable=str(e)))
+            continue
+        if record["status"] == "error":
+            rows.append(Row(layout, record, unrunnable="prediction failed: " + _last_line(record.get("error"))))
+            continue
+        rows.append(Row(layout, record))
+    return sorted(rows, key=lambda r: (r.samples_per_s is None, -(r.samples_per_s or 0.0)))
 
 
-def _fraction(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name}: expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise UserError(f"{name}: expected a number in [0, 1), got {value}")
-    return value
+def _last_line(text) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else "no message"
 
 
-def lpt_max_load(work: list[float], groups: int) -> float:
-    """Most loaded group after longest-processing-time-first placement."""
-    loads = [0.0] * groups
-    heapq.heapify(loads)
-    for w in sorted(work, reverse=True):
-        heapq.heappush(loads, heapq.heappop(loads) + w)
-    return max(loads)
-
-
-def flop_split(shape: ModelShape, sparsity: list[list[float]], tokens: int) -> tuple[float, float]:
-    """(self-attention FLOPs, other FLOPs) of one training step at `tokens` tokens."""
-    B, C, HD = shape.batch, shape.hidden, shape.heads * shape.head_dim
-    work = sum(1.0 - s for row in sparsity for s in row)  # dense-equivalent heads over all layers
-    attention = FLOPS_PER_MAC * 2 * B * tokens * tokens * shape.head_dim * work
-    per_token_macs = 4 * C * HD + 2 * C * HD + 2 * shape.mlp_ratio * C * C + 6 * C * C  # attn, cross, mlp, adaLN
-    cross = 2 * B * tokens * TEXT_TOKENS * HD
-    other = shape.depth * (FLOPS_PER_MAC * (B * tokens * per_token_macs + cross))
-    return BACKWARD_FACTOR * attention, BACKWARD_FACTOR * other
-
-
-def layouts(gpus: int, heads: int) -> list[tuple[int, int]]:
-    """Every (ulysses, ring) with ulysses * ring = gpus and ulysses <= heads."""
-    return [(u, gpus // u) for u in range(1, gpus + 1) if gpus % u == 0 and u <= heads]
-
-
-def layout_name(u: int, r: int) -> str:
-    if r == 1:
-        return f"head-wise (ulysses x{u})" if u > 1 else "single GPU"
-    if u == 1:
-        return f"sequence-wise (ring x{r})"
-    return f"hybrid (ulysses x{u} * ring x{r})"
-
-
-def estimate(shape: ModelShape, sparsity: list[list[float]], step_ms: float, u: int, r: int, link_gbps: float,
-             tokens: int | None = None) -> Estimate:
-    """Estimated step time and bytes per rank of layout u x r, from a single-GPU step of `step_ms`."""
-    T0, T = shape.tokens, tokens or shape.tokens
-    N = u * r
-    B, H, D, e = shape.batch, shape.heads, shape.head_dim, shape.element_size
-    attn0, other0 = flop_split(shape, sparsity, T0)
-    t_attn1 = step_ms * attn0 / (attn0 + other0) * (T / T0) ** 2
-    t_other1 = step_ms * other0 / (attn0 + other0) * (T / T0)
-    notes = []
-    if T % N:
-        notes.append(f"{T} tokens do not split evenly over {N} ranks")
-    works = [[1.0 - s for s in row] for row in sparsity]
-    total_work = sum(map(sum, works))
-    rank_work = sum(lpt_max_load(w, u) for w in works) / r
-    imbalance = rank_work / (total_work / N) if total_work else 1.0
-    t_attn = t_attn1 * rank_work / total_work if total_work else 0.0
-
-    local = B * (T / N) * D  # one head's (B, T/N, D) elements
-    ulysses_bytes = 2 * 4 * (u - 1) / u * H * local * e * shape.depth if u > 1 else 0.0
-    ring_fwd = ring_bwd = 0.0
-    if r > 1:
-        share = 1 / u  # this rank's part of a layer's heads
-        shard = B * (T / r) * D  # one head's k (or v) shard in the ring
-        q_blocks = max(1, (T // r) // shape.block_size)
-        for row in sparsity:
-            dense = sum(1 for s in row if s == 0.0) * share
-            ring_fwd += (r - 1) * 2 * shard * e * dense
-            ring_bwd += (r - 1) * 2 * shard * (e + 4) * dense
-            for s in (s for s in row if s > 0.0):
-                needed = min(1.0, 1.0 - s ** q_blocks)
-                ring_fwd += share * ((r - 1) * needed * 2 * shard * e  # the needed k/v blocks
-                                        + (r - 1) * B * (T / r) * shape.estimator_rank * e  # key estimates
-                                        + (r - 1) * B * (T // shape.block_size))  # need bitmaps
-                ring_bwd += share * (r - 1) * needed * 2 * shard * e
-        if shape.dsv:  # estimator loss: sampled query rows all-reduced
-            ring_fwd += 2 * (r - 1) / r * B * (H / u) * ESTIMATOR_SAMPLES * D * e * shape.depth
-    token_bytes = (N - 1) / N * B * T * shape.hidden * e
-    grad_bytes = 2 * (N - 1) / N * shape.grad_bytes if N > 1 else 0.0
-    bw = link_gbps * 1e9 / 8 / 1e3  # bytes per ms
-    t_fwd_attn, t_bwd_attn = t_attn * FORWARD_SHARE, t_attn * (1 - FORWARD_SHARE)
-    parts = {"other": t_other1 / N, "attention_fwd+ring": max(t_fwd_attn, ring_fwd / bw),
-             "attention_bwd": t_bwd_attn, "ring_bwd": ring_bwd / bw, "all_to_all": ulysses_bytes / bw,
-             "token_gather": token_bytes / bw if N > 1 else 0.0, "grad_allreduce": grad_bytes / bw}
-    if shape.dsv and r > 1 and (T // r) % shape.block_size:
-        notes.append(f"ring with DSV needs T/ring ({T // r}) to be a multiple of block_size {shape.block_size}")
-    if u > 1 and r > 1:
-        notes.append("hybrid: estimate only (stbench runs pure ulysses or ring)")
-    comm = ulysses_bytes + ring_fwd + ring_bwd + (token_bytes if N > 1 else 0.0) + grad_bytes
-    return Estimate(layout_name(u, r), u, r, sum(parts.values()), int(round(comm)), imbalance,
-                    {k: round(v, 3) for k, v in parts.items()}, notes)
-
-
-def _matches(base: dict, other: dict) -> bool:
-    keys = ("arch", "preset", "mode", "batch", "frames", "resolution", "dtype")
-    return all(base.get(k) == other.get(k) for k in keys) and (base.get("overrides") or {}) == (
-        other.get("overrides") or {})
-
-
-def plan(records: list[dict], *, gpus: int, link_gbps: float, arch: str | None = None,
-         tokens: int | None = None) -> list[dict]:
-    """For each usable single-GPU record: every layout's estimate, the best, and measured runs to compare."""
-    if gpus < 1:
-        raise UserError(f"gpus: must be >= 1, got {gpus}")
-    if not link_gbps or link_gbps <= 0 or not math.isfinite(link_gbps):
-        raise UserError(f"link-gbps: must be a positive number, got {link_gbps}")
-    if tokens is not None and tokens < 1:
-        raise UserError(f"tokens: must be >= 1, got {tokens}")
-    singles = [(i, r) for i, r in enumerate(records, 1) if (r.get("world_size") or 1) == 1
-               and r.get("status") == "ok" and r.get("step_ms_median") and str(r.get("arch", "")).startswith("dit-")
-               and (arch is None or r["arch"] == arch)]
-    if not singles:
-        what = f"arch {arch}" if arch else "a dit-* architecture"
-        raise UserError(f"results: no single-GPU record with status ok and step_ms_median for {what}")
-    plans = []
-    for index, record in singles:
-        shape = _dims(record, index)
-        sparsity = head_sparsity(record, shape)
-        step_ms = float(record["step_ms_median"])
-        estimates = [estimate(shape, sparsity, step_ms, u, r, link_gbps, tokens) for u, r in layouts(gpus, shape.heads)]
-        blocked = {est.layout: reason for est in estimates
-                   if (reason := unrunnable(record, est.ulysses, est.ring)) is not None}
-        best = min((est for est in estimates if est.layout not in blocked),
-                   key=lambda est: (est.step_ms, est.comm_bytes))
-        single = estimate(shape, sparsity, step_ms, 1, 1, link_gbps, tokens)
-        measured = []
-        for other in records:
-            world = other.get("world_size") or 1
-            if world > 1 and other.get("status") == "ok" and _matches(record, other) and \
-                    other.get("context_parallel") in ("ulysses", "ring") and other.get("step_ms_median"):
-                u, r = (world, 1) if other["context_parallel"] == "ulysses" else (1, world)
-                est = estimate(shape, sparsity, step_ms, u, r, link_gbps)
-                measured.append({"layout": est.layout, "world_size": world,
-                                 "estimated_step_ms": est.step_ms, "measured_step_ms": other["step_ms_median"],
-                                 "estimated_comm_bytes": est.comm_bytes,
-                                 "measured_comm_bytes": other.get("comm_bytes")})
-        plans.append({"record": record, "shape": shape, "tokens": tokens or shape.tokens, "estimates": estimates,
-                      "single_gpu_ms": single.step_ms, "best": best, "measured": measured,
-                      "unrunnable": blocked})
-    return plans
-
-
-NOT_RUNNABLE = "estimate only: stbench cannot run this layout"
-
-
-def unrunnable(record: dict, u: int, r: int) -> str | None:
-    """Why `stbench run` cannot run layout u x r of the record's case (None if it can): the planner recommends
-    only layouts that can be measured. The checks are the ones a torchrun run makes (distributed.check_case)."""
-    from .distributed import check_case
-
-    if u > 1 and r > 1:
-        return "not runnable: stbench runs ulysses or ring, not both at once"
-    if u * r == 1:
-        return None
-    try:
-        case = Case(arch=record["arch"], preset=record["preset"], mode=record["mode"], batch=record["batch"],
-                    frames=record["frames"], resolution=record["resolution"], dtype=record["dtype"], device="cpu",
-                    overrides=tuple(sorted((record.get("overrides") or {}).items())),
-                    context_parallel="ulysses" if r == 1 else "ring")
-        check_case(case, u * r)
-    except (UserError, ValueError) as e:
-        return f"not runnable: {e}"
-    return None
-
-
-def _mb(n) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB"
-
-
-def render(plans: list[dict], gpus: int, link_gbps: float) -> str:
-    lines = [f"context-parallel plan: {gpus} GPU(s), {link_gbps:g} Gbit/s per link (model: stbench/planner.py)"]
-    for p in plans:
-        rec = p["record"]
-        lines.append("")
-        measured_at = f" at {p['shape'].tokens} tokens" if p["tokens"] != p["shape"].tokens else ""
-        on_cpu = not str(rec.get("device") or "").startswith("cuda")
-        source = "measured on CPU (every figure below is extrapolated from a CPU run, not a GPU figure)" \
-            if on_cpu else "measured on 1 GPU"
-        lines.append(f"{rec['arch']} {rec['preset']} r{rec['resolution']} f{rec['frames']} b{rec['batch']} "
-                     f"{rec['dtype']} {rec['mode']}: {p['tokens']} tokens, {source}: "
-                     f"{rec['step_ms_median']:.1f} ms/step{measured_at}")
-        lines.append(f"  {'layout':34s} {'step ms':>10s} {'speedup':>8s} {'comm/rank/step':>15s} "
-                     f"{'attn imbalance':>15s}")
-        single = p["single_gpu_ms"]
-        for est in sorted(p["estimates"], key=lambda e: e.step_ms):
-            blocked = p.get("unrunnable", {}).get(est.layout)
-            mark = "*" if est is p["best"] else "x" if blocked else " "
-            notes = list(est.notes) + ([NOT_RUNNABLE, blocked] if blocked else [])
-            layout = est.layout.replace("single GPU", "single CPU process") if on_cpu else est.layout
-            lines.append(f"{mark} {layout:34s} {est.step_ms:10.2f} {single / est.step_ms:7.2f}x "
-                         f"{_mb(est.comm_bytes):>15s} {est.attention_imbalance:14.2f}x"
-                         + (f"  ({'; '.join(notes)})" if notes else ""))
-        one = "one CPU process, extrapolated" if on_cpu else "1 GPU"
-        lines.append(f"  best: {p['best'].layout} (*: the fastest layout stbench can run; {one} at this length: "
-                     f"{single:.1f} ms/step; x: layouts stbench cannot run, estimates only)")
-        for m in p["measured"]:
-            ratio = m["estimated_step_ms"] / m["measured_step_ms"]
-            lines.append(f"  measured {m['layout']} on {m['world_size']}: {m['measured_step_ms']:.2f} ms vs estimated "
-                         f"{m['estimated_step_ms']:.2f} ms (x{ratio:.2f}); comm {_mb(m['measured_comm_bytes'])} vs "
-                         f"estimated {_mb(m['estimated_comm_bytes'])}")
+def render(rows: list[Row], base: Case, gpus: int, target: hw.Hardware) -> str:
+    lines = [f"plan (PREDICTED, not measured): {base.arch} {base.preset} {base.mode} {base.resolution}px x"
+             f"{base.frames} b{base.batch} per FSDP rank, {base.dtype}, on {gpus} x {target.label}",
+             f"  {'layout':44s} {'peak/rank':>10s} {'step ms':>9s} {'no-overlap':>10s} {'samples/s':>9s} "
+             f"{'sent/rank/step':>14s}"]
+    best = next((r for r in rows if r.samples_per_s is not None), None)
+    for row in rows:
+        mark = "*" if row is best else " "
+        if row.unrunnable:
+            lines.append(f"x {row.layout.name:44s} not runnable: {row.unrunnable}")
+            continue
+        p = row.record["predicted"]
+        if not row.fits:
+            lines.append(f"  {row.layout.name:44s} {format_bytes(p['peak_bytes']):>10s} does not fit "
+                         f"({format_bytes(p['memory_bytes'])} per GPU)")
+            continue
+        step = "n/a" if p.get("step_ms") is None else f"{p['step_ms']:.1f}"
+        serial = "n/a" if p.get("step_ms_serial") is None else f"{p['step_ms_serial']:.1f}"
+        rate = "n/a" if row.samples_per_s is None else f"{row.samples_per_s:.2f}"
+        lines.append(f"{mark} {row.layout.name:44s} {format_bytes(p['peak_bytes']):>10s} {step:>9s} {serial:>10s} "
+                     f"{rate:>9s} {format_bytes(row.record.get('comm_bytes') or 0):>14s}")
+    if best is not None:
+        lines.append(f"recommended (predicted): {best.layout.name}: {best.samples_per_s:.2f} samples/s, "
+                     f"{format_bytes(best.record['predicted']['peak_bytes'])} per GPU; run it with "
+                     f"`torchrun --nproc-per-node {gpus} -m stbench run {_run_flags(best.layout)} ...`")
+    else:
+        lines.append("recommended: none: no runnable layout is predicted to fit (or the hardware has no time model)")
+    lines.append("  *: fastest runnable layout that fits; x: stbench cannot run it; step: kernels' roofline with "
+                 "FSDP and ring traffic overlapped, Ulysses all-to-alls added; no-overlap: every byte on the "
+                 "critical path")
     return "\n".join(lines)
 
 
+def _run_flags(layout: Layout) -> str:
+    flags = [f"--fsdp {layout.fsdp}"]
+    if layout.context_parallel:
+        flags.append(f"--context-parallel {layout.context_parallel}")
+    if layout.activation_checkpointing != "none":
+        flags.append(f"--activation-checkpointing {layout.activation_checkpointing}")
+    return " ".join(flags)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", required=True, help="results.jsonl (or its run folder) with single-GPU runs")
+    parser.add_argument("--arch", required=True, help="one architecture (see `stbench list`)")
+    parser.add_argument("--preset", default="tiny", help="size preset (default tiny)")
+    parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES)
+    parser.add_argument("--resolution", type=int, default=256, help="square size in pixels (default 256)")
+    parser.add_argument("--frames", type=int, default=16, help="frames (default 16)")
+    parser.add_argument("--batch", type=int, default=1, help="batch per FSDP rank (default 1)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="autocast dtype (default bf16)")
     parser.add_argument("--gpus", type=int, required=True, help="GPU count to plan for")
-    parser.add_argument("--link-gbps", type=float, required=True, help="per-GPU link bandwidth, Gbit/s")
-    parser.add_argument("--arch", default=None, help="only this architecture (default: every dit-* in the file)")
-    parser.add_argument("--tokens", type=int, default=None, help="plan at this sequence length (default: measured)")
+    parser.add_argument("--hardware", default="h100-sxm", help=f"one of {', '.join(hw.HARDWARE)}")
+    parser.add_argument("--activation-checkpointing", default="none,blocks",
+                        help="comma-separated choices to consider (default none,blocks)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="reuse the predictions already in OUT")
+    parser.add_argument("--out", default=None, help="run folder for the predictions and plan.txt "
+                        "(default: runs/plan-<arch>-<gpus>)")
 
 
 def execute(args: argparse.Namespace) -> int:
-    records = frame_records(load_frame(args.results))
-    if not records:
-        raise UserError(f"results: {args.results} holds no records")
-    plans = plan(records, gpus=args.gpus, link_gbps=args.link_gbps, arch=args.arch, tokens=args.tokens)
-    print(render(plans, args.gpus, args.link_gbps))
+    if args.gpus < 1:
+        raise UserError(f"gpus: must be >= 1, got {args.gpus}")
+    if args.hardware not in hw.HARDWARE:
+        raise UserError(f"hardware: unknown {args.hardware!r}; legal: {', '.join(hw.HARDWARE)}")
+    checkpointing = comma_list(args.activation_checkpointing, "activation-checkpointing", str)
+    bad = [c for c in checkpointing if c not in ACTIVATION_CHECKPOINTING]
+    if bad:
+        raise UserError(f"activation-checkpointing: {bad[0]!r} is not legal; legal: "
+                        f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+    base = Case(arch=args.arch, preset=args.preset, mode=args.mode, batch=args.batch, frames=args.frames,
+                resolution=args.resolution, dtype=args.dtype, device="cpu", overrides=parse_set_options(args.set))
+    target = hw.get(args.hardware)
+    out = Path(args.out or f"runs/plan-{args.arch}-{args.gpus}")
+    command = shlex.join(["python", "-m", "stbench", *(getattr(args, "argv", None) or sys.argv[1:])])
+    settings = {**json_settings(base), "gpus": args.gpus, "hardware": args.hardware,
+                "activation_checkpointing": list(checkpointing)}
+    path = runfolder.open_run_folder(out, command=command, resume=args.resume, settings=settings)
+    done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
+    rows = plan(base, args.gpus, target, Predictor(out, done, echo=lambda line: print(line, file=sys.stderr)),
+                checkpointing)
+    text = render(rows, base, args.gpus, target)
+    (out / PLAN_FILE).write_text(text + "\n")
+    print(text)
     return 0

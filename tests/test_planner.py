@@ -1,155 +1,93 @@
-"""`stbench plan` on synthetic records: the estimate's parts, layouts, sparsity handling, bad input."""
+"""`stbench plan`: runnable FSDP x context-parallel layouts, each predicted (fake process group), ranked."""
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import pytest
 
-from stbench import planner
+from stbench import planner, results
 from stbench.cli import main
-from stbench.errors import UserError
-from stbench.results import new_record
+from stbench.config import Case
+from stbench.predict import hardware
+from stbench.predict.command import Predictor
+from stbench.predict.hardware import Hardware
 
-TINY_TOKENS = 128  # tiny DiT, 8 frames at 64 px: (8, 4, 4) tokens
-
-
-def _record(arch="dit-dsv", step_ms=100.0, world=1, cp=None, dsv=None, comm=None, **extra):
-    rec = new_record({"arch": arch, "preset": "tiny", "overrides": {"block_size": "16"}, "mode": "full",
-                      "batch": 1, "frames": 8, "resolution": 64, "dtype": "fp32", "device": "cuda",
-                      "compile": False, "context_parallel": cp})
-    rec.update(status="ok", step_ms_median=step_ms, world_size=world, grad_bytes=4_000_000, dsv=dsv,
-               comm_bytes=comm, **extra)
-    return rec
+SHAPE = ["--mode", "full", "--resolution", "64", "--frames", "8"]
 
 
-def _write(tmp_path, records):
-    path = tmp_path / "results.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+def test_layouts_cover_every_factorisation():
+    names = [layout.name for layout in planner.layouts(4, ("none", "blocks"))]
+    assert names[:5] == ["fsdp 4", "fsdp 2 x ulysses 2", "fsdp 2 x ring 2", "fsdp 1 x ulysses 4", "fsdp 1 x ring 4"]
+    assert names[5:] == [n.replace("4", "4, checkpointing blocks", 1) if n == "fsdp 4" else n + ", checkpointing blocks"
+                         for n in names[:5]]
+    assert [layout.name for layout in planner.layouts(1, ("none",))] == ["fsdp 1"]
 
 
-def test_single_gpu_layout_reproduces_the_measurement():
-    plans = planner.plan([_record(arch="dit-full")], gpus=1, link_gbps=100)
-    (only,) = plans[0]["estimates"]
-    assert only.layout == "single GPU" and only.step_ms == pytest.approx(100.0) and only.comm_bytes == 0
+def test_plan_ranks_runnable_layouts_by_predicted_throughput(tmp_path):
+    base = Case(arch="dit-full", preset="tiny", mode="full", frames=8, resolution=64, dtype="bf16")
+    target = hardware.get("h100-sxm")
+    rows = planner.plan(base, 3, target, Predictor(tmp_path, {}, echo=lambda line: None), ("none", "blocks"))
+    by_name = {row.layout.name: row for row in rows}
+    # 128 tokens do not split over 3 context-parallel ranks: refused with `run`'s own reason, never ranked
+    for name in ("fsdp 1 x ulysses 3", "fsdp 1 x ring 3", "fsdp 1 x ring 3, checkpointing blocks"):
+        assert "128 video tokens do not split over 3" in by_name[name].unrunnable and by_name[name].record is None
+    ranked = [row for row in rows if row.samples_per_s is not None]
+    assert [r.samples_per_s for r in ranked] == sorted((r.samples_per_s for r in ranked), reverse=True)
+    assert rows[0] is ranked[0] and not rows[0].unrunnable
+    for row in ranked:  # throughput = global batch (FSDP degree x batch) per predicted step
+        p = row.record["predicted"]
+        assert row.samples_per_s == pytest.approx(row.layout.fsdp * 1 / (p["step_ms"] / 1e3))
+        assert row.record["world_size"] == 3 and row.record["fsdp"] == row.layout.fsdp
+    assert [r.layout.name for r in ranked] == ["fsdp 3", "fsdp 3, checkpointing blocks"]  # recomputation costs time
+    text = planner.render(rows, base, 3, target)
+    assert text.startswith("plan (PREDICTED, not measured)") and "* fsdp 3 " in text
+    assert "x fsdp 1 x ring 3 " in text and "recommended (predicted): fsdp 3:" in text
 
 
-def test_layouts_cover_every_factorisation_within_the_head_count():
-    assert planner.layouts(8, heads=16) == [(1, 8), (2, 4), (4, 2), (8, 1)]
-    assert planner.layouts(8, heads=2) == [(1, 8), (2, 4)]  # ulysses cannot split 2 heads 4 ways
+def test_architectures_without_context_parallelism_get_fsdp_only(tmp_path):
+    base = Case(arch="hunyuan-video", preset="tiny", mode="full", frames=5, resolution=64, dtype="bf16")
+    rows = planner.plan(base, 2, hardware.get("h100-sxm"), Predictor(tmp_path, {}, echo=lambda line: None),
+                        ("none",))
+    assert [r.layout.name for r in rows if not r.unrunnable] == ["fsdp 2"]
+    for row in rows[1:]:
+        assert "is not legal for hunyuan-video" in row.unrunnable
 
 
-def test_infinite_bandwidth_scales_compute_by_gpu_count():
-    plans = planner.plan([_record(arch="dit-full")], gpus=2, link_gbps=1e12)
-    for est in plans[0]["estimates"]:
-        assert est.step_ms == pytest.approx(50.0, rel=1e-6)
+def test_nothing_is_recommended_when_nothing_fits(tmp_path):
+    base = Case(arch="dit-full", preset="tiny", mode="full", frames=8, resolution=64, dtype="bf16")
+    small = dataclasses.replace(hardware.get("h100-sxm"), name="small", memory_bytes=514 * 2**20)  # the CUDA context (512 MiB) and 2 MiB
+    rows = planner.plan(base, 2, small, Predictor(tmp_path, {}, echo=lambda line: None), ("none",))
+    assert all(not r.fits for r in rows) and all(r.samples_per_s is None for r in rows)
+    assert "recommended: none" in planner.render(rows, base, 2, small)
 
 
-def test_comm_bytes_are_the_analytic_counts():
-    """Ulysses x2 on dit-full tiny (2 layers, 2 heads of 32, hidden 64, fp32): all-to-alls + tokens + grads."""
-    from stbench.parallel.context_parallel import analytic_bytes
-
-    plans = planner.plan([_record(arch="dit-full")], gpus=2, link_gbps=100)
-    by_layout = {(e.ulysses, e.ring): e for e in plans[0]["estimates"]}
-    tokens = (2 - 1) * (TINY_TOKENS // 2) * 64 * 4
-    grads = 4_000_000  # 2 (W-1)/W x grad_bytes at W = 2
-    for mode, key in (("ulysses", (2, 1)), ("ring", (1, 2))):
-        attention = 2 * analytic_bytes(mode, batch=1, heads=2, tokens=TINY_TOKENS, head_dim=32, world=2,
-                                       element_size=4, grad_element_size=4)
-        assert by_layout[key].comm_bytes == attention + tokens + grads, mode
-
-
-def test_slow_link_prefers_fewer_bytes_and_reports_time_in_comm():
-    fast = planner.plan([_record(arch="dit-full")], gpus=2, link_gbps=1e6)[0]
-    slow = planner.plan([_record(arch="dit-full")], gpus=2, link_gbps=0.01)[0]
-    assert slow["best"].step_ms > fast["best"].step_ms
-    assert slow["best"].comm_bytes == min(e.comm_bytes for e in slow["estimates"])
+def test_command_writes_predictions_and_plan_and_resumes(tmp_path, capsys):
+    out = tmp_path / "plan"
+    argv = ["plan", "--arch", "dit-full", *SHAPE, "--gpus", "2", "--activation-checkpointing", "none", "--out",
+            str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert (out / "plan.txt").read_text() == text
+    records = results.read_records(out)
+    assert len(records) == 3 and all(r["predicted"] and r["world_size"] == 2 for r in records)
+    assert main(argv) == 2 and "--resume" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0 and len(results.read_records(out)) == 3  # nothing predicted twice
+    assert capsys.readouterr().out == text
 
 
-def test_uneven_sparsity_makes_head_wise_imbalanced_and_sparse_ring_cheaper():
-    """Layer sparsity planted on one head of two: head-wise puts the dense head on one rank (imbalance),
-    the sparse ring exchange sends fewer bytes than dense ring."""
-    profile = {"head_sparsity": [[0.9, 0.0], [0.9, 0.0]]}
-    dsv = planner.plan([_record(dsv=profile)], gpus=2, link_gbps=100)[0]
-    dense = planner.plan([_record(dsv=None)], gpus=2, link_gbps=100)[0]
-    ulysses = {(e.ulysses, e.ring): e for e in dsv["estimates"]}[(2, 1)]
-    ring = {(e.ulysses, e.ring): e for e in dsv["estimates"]}[(1, 2)]
-    assert ulysses.attention_imbalance == pytest.approx(1.0 / ((1.0 + 0.1) / 2))  # busiest rank 1.0 vs mean 0.55
-    assert ring.attention_imbalance == pytest.approx(1.0)
-    dense_ring = {(e.ulysses, e.ring): e for e in dense["estimates"]}[(1, 2)]
-    assert ring.comm_bytes < dense_ring.comm_bytes
-    assert dsv["best"].layout.startswith("sequence-wise")  # balanced work beats the idle head-wise rank
-
-
-def test_layer_sparsity_without_heads_is_rebuilt_from_the_sparse_fraction():
-    shape = planner._dims(_record(), 1)
-    rows = planner.head_sparsity(_record(dsv={"layer_sparsity": [0.3, 0.0], "sparse_head_fraction": 0.5}), shape)
-    assert rows == [[pytest.approx(0.6), 0.0], [0.0, 0.0]]  # one sparse head carries the layer's mean
-
-
-def test_longer_sequence_scales_attention_quadratically():
-    base = planner.plan([_record(arch="dit-full")], gpus=1, link_gbps=100)[0]["estimates"][0]
-    longer = planner.plan([_record(arch="dit-full")], gpus=1, link_gbps=100, tokens=2 * TINY_TOKENS)[0]
-    attn, other = planner.flop_split(planner._dims(_record(arch="dit-full"), 1), [[0.0, 0.0]] * 2, TINY_TOKENS)
-    share = attn / (attn + other)
-    assert longer["estimates"][0].step_ms == pytest.approx(base.step_ms * (4 * share + 2 * (1 - share)))
-
-
-def test_measured_runs_are_compared_with_their_estimates():
-    records = [_record(arch="dit-full"), _record(arch="dit-full", step_ms=70.0, world=2, cp="ring", comm=123)]
-    (p,) = planner.plan(records, gpus=4, link_gbps=100)
-    (m,) = p["measured"]
-    assert m["layout"] == "sequence-wise (ring x2)" and m["measured_step_ms"] == 70.0
-    assert m["measured_comm_bytes"] == 123 and m["estimated_comm_bytes"] > 0
-    assert "measured sequence-wise (ring x2) on 2: 70.00 ms" in planner.render([p], 4, 100)
-
-
-def test_command_line_prints_the_best_layout(tmp_path, capsys):
-    path = _write(tmp_path, [_record(dsv={"head_sparsity": [[0.9, 0.0], [0.9, 0.0]]})])
-    assert main(["plan", "--results", str(path), "--gpus", "2", "--link-gbps", "200", "--arch", "dit-dsv"]) == 0
-    out = capsys.readouterr().out
-    assert "best: sequence-wise (ring x2)" in out and "head-wise (ulysses x2)" in out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus", "0", "--link-gbps", "10"], "gpus: must be >= 1"),
-    (["--gpus", "2", "--link-gbps", "-1"], "link-gbps: must be a positive number"),
-    (["--gpus", "2", "--link-gbps", "10", "--arch", "dit-window"], "no single-GPU record"),
-    (["--gpus", "2", "--link-gbps", "10", "--tokens", "0"], "tokens: must be >= 1"),
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "0"], "gpus: must be >= 1"),
+    (["--gpus", "2", "--hardware", "cpu"], "hardware: unknown 'cpu'"),
+    (["--gpus", "2", "--activation-checkpointing", "all"], "activation-checkpointing: 'all' is not legal"),
+    (["--gpus", "2", "--resolution", "12"], "resolution: must be a multiple of 8"),
 ])
-def test_bad_input_is_a_user_error(tmp_path, capsys, argv, message):
-    path = _write(tmp_path, [_record()])
-    assert main(["plan", "--results", str(path), *argv]) == 2
-    assert message in capsys.readouterr().err
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    assert main(["plan", "--arch", "dit-full", "--mode", "full", *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stbench: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
 
 
-def test_bad_files_and_profiles_are_user_errors(tmp_path, capsys):
-    assert main(["plan", "--results", str(tmp_path / "missing.jsonl"), "--gpus", "2", "--link-gbps", "1"]) == 2
-    assert "cannot read results file" in capsys.readouterr().err
-    with pytest.raises(UserError, match="dsv.head_sparsity must be 2 layers x 2 heads"):
-        planner.plan([_record(dsv={"head_sparsity": [[0.5]]})], gpus=2, link_gbps=1)
-    with pytest.raises(UserError, match=r"expected a number in \[0, 1\)"):
-        planner.plan([_record(dsv={"layer_sparsity": [1.5, 0.0], "sparse_head_fraction": 0.5})], gpus=2, link_gbps=1)
-
-
-def test_cpu_figures_are_labelled_extrapolated_and_hybrids_not_runnable(tmp_path, capsys):
-    path = _write(tmp_path, [_record(device="cpu")])
-    assert main(["plan", "--results", str(path), "--gpus", "4", "--link-gbps", "200"]) == 0
-    out = capsys.readouterr().out
-    assert "extrapolated from a CPU run, not a GPU figure" in out and "1 GPU" not in out
-    hybrid = next(line for line in out.splitlines() if line[2:].startswith("hybrid"))
-    assert planner.NOT_RUNNABLE in hybrid and hybrid.startswith("x")
-    assert not any(line.startswith("*") and "hybrid" in line for line in out.splitlines())
-
-
-def test_only_runnable_layouts_are_recommended():
-    """stbench runs ulysses or ring, not both: hybrids are marked, never starred, even when estimated fastest."""
-    plans = planner.plan([_record(arch="dit-full")], gpus=4, link_gbps=1e12)
-    (p,) = plans
-    assert set(p["unrunnable"]) == {"hybrid (ulysses x2 * ring x2)"}
-    assert p["best"].ulysses == 1 or p["best"].ring == 1
-    out = planner.render(plans, 4, 1e12)
-    assert "x hybrid (ulysses x2 * ring x2)" in out and "not runnable: stbench runs ulysses or ring" in out
-    # ring with an attention kind it does not support: marked with the run's own reason
-    (w,) = planner.plan([_record(arch="dit-window")], gpus=2, link_gbps=100)
-    assert "ring context parallelism supports dit-full and dit-dsv" in w["unrunnable"]["sequence-wise (ring x2)"]
+def test_hardware_has_a_link_model_for_layouts():
+    assert isinstance(hardware.get("h100-sxm"), Hardware) and hardware.get("h100-sxm").link(8).bytes_s == 450e9
+    assert hardware.get("h100-sxm").link(16).bytes_s == 50e9 and hardware.get("h100-sxm").link(1) is None

@@ -87,10 +87,10 @@ class PredictSweep:
                     resolution=resolution, dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides,
                     context_parallel=self.context_parallel, **settings)
         if fsdp is not None:
-            from ..fsdp import layout_of  # noqa: local - torch.distributed's FSDP only for sharded layouts
+            from ..distributed import check_layout  # noqa: local - torch.distributed only for sharded layouts
 
             try:
-                layout_of(case, world)
+                check_layout(case, world)
             except ValueError as e:
                 raise UserError(f"world-size {world}: {e}") from None
         return case
@@ -167,7 +167,7 @@ def describe(record: dict) -> str:
         mesh = record["mesh"]
         what += (f" x{record['world_size']} (fsdp {mesh['fsdp']} x {record.get('context_parallel') or 'cp'} "
                  f"{mesh['cp']}, per rank)")
-    if not p:
+    if record["status"] == "error" or "peak_bytes" not in p:
         return f"error {what}: {(record.get('error') or '').splitlines()[-1:]}"
     text = f"{record['status']:5s} {what}: predicted peak {format_bytes(p['peak_bytes'])}"
     if p.get("step_ms") is not None:
@@ -223,46 +223,54 @@ def resolution_step(make_case) -> int | None:
 def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int = MAX_GPUS) -> tuple[int | None, str]:
     """(fewest GPUs, a power of two times `start`, predicted to fit, or None; why the search stopped).
 
-    `make_case(world)` raises UserError for a layout that cannot run. Each fake run takes seconds to minutes
-    at full size, so the search jumps: what a rank holds besides its shards of parameters, gradients and
-    AdamW state (activations, gathered parameters, buffers) does not shrink with more FSDP ranks, while the
-    shards shrink as 1/world; the next world tried is the smallest power of two whose shards would fit beside
-    the rest, then every candidate is confirmed by a prediction (the allocator's rounding is not linear)."""
-    verdicts: dict[int, dict] = {}
+    `make_case(world)` raises UserError for a layout that cannot run. A fake run takes a minute or more at
+    full size, so the search does not try every power of two: a rank's peak is a + b / world (shards of
+    parameters, gradients, AdamW state and the optimizer's temporaries shrink with FSDP; activations and
+    gathered parameters do not), fitted on the last two predictions; the next world tried is the smallest
+    power of two that this fit says fits, and every answer is confirmed by predictions at it and at half of it
+    (the allocator's rounding is not linear)."""
+    capacity = target.memory_bytes - target.context_bytes
+    reserved: dict[int, int] = {}  # world -> predicted reserved bytes of a world that does not fit
+    fits: dict[int, bool] = {}
 
-    def run(world: int) -> dict | str:
+    def run(world: int) -> str | None:
+        """None when predicted (into `fits`, `reserved`), else why this world cannot be predicted."""
         try:
             case = make_case(world)
         except UserError as e:
             return f"{world} GPUs: {e}"
-        verdicts[world] = predict(case, target, world)
-        return verdicts[world]
+        record = predict(case, target, world)
+        if record["status"] == "error":
+            return f"{world} GPUs: prediction failed ({(record.get('error') or '').splitlines()[-1:]})"
+        fits[world] = record["status"] == "ok"
+        if not fits[world]:
+            reserved[world] = record["predicted"]["reserved_bytes"]
+        return None
 
     world = start
-    while world <= limit:
-        record = run(world)
-        if isinstance(record, str):
-            return None, record
-        if record["status"] == "error":
-            return None, f"{world} GPUs: prediction failed ({(record.get('error') or '').splitlines()[-1:]})"
-        if record["status"] == "ok":
+    while True:
+        if world > limit:
+            return None, f"none up to {limit} GPUs"
+        why = run(world)
+        if why is not None:
+            return None, why
+        if fits[world]:
             break
-        shards = sum(record.get(name) or 0 for name in ("param_bytes", "grad_bytes", "optimizer_bytes"))
-        room = target.memory_bytes - target.context_bytes - (record["predicted"]["reserved_bytes"] - shards)
-        if room <= 0:
-            return None, (f"at {world} GPUs a rank needs {format_bytes(record['predicted']['peak_bytes'] - shards)} "
-                          f"besides its shards: more GPUs do not help (try activation checkpointing or context "
-                          f"parallelism)")
-        needed = shards * world / room
+        tried = sorted(reserved)
         following = world * 2
-        while following < needed and following * 2 <= limit:
-            following *= 2
+        if len(tried) >= 2:
+            w1, w2 = tried[-2], tried[-1]
+            b = (reserved[w1] - reserved[w2]) / (1 / w1 - 1 / w2)
+            a = reserved[w2] - b / w2
+            if a >= capacity:
+                return None, (f"the part of a rank's peak that more GPUs do not shrink is about {format_bytes(a)} "
+                              f"(fitted on {w1} and {w2} GPUs): more GPUs do not help (try activation "
+                              f"checkpointing or context parallelism)")
+            while following < b / (capacity - a) and following * 2 <= limit:
+                following *= 2
         world = following
-    else:
-        return None, f"none up to {limit} GPUs"
-    while world // 2 >= start and world // 2 not in verdicts:  # confirm that half as many do not fit
-        record = run(world // 2)
-        if isinstance(record, str) or record["status"] != "ok":
+    while world // 2 >= start and world // 2 not in fits:  # confirm that half as many do not fit
+        if run(world // 2) is not None or not fits[world // 2]:
             break
         world //= 2
     return world, "fits"
