@@ -328,3 +328,13 @@ def test_predict_layout_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("stbench: error: ") and message in err and "\n" not in err, (args, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_report_labels_a_predicted_layout_per_rank(tmp_path, toy_case):
+    from stbench.report.render import render_report
+
+    record = estimate.predict_case(_sharded(toy_case(mode="full"), 2), hardware.get("h100-sxm"), world=2)
+    results.append_record(tmp_path / runfolder.RESULTS_FILE, record)
+    html = render_report(tmp_path).read_text()
+    assert "2 ranks: fsdp 2" in html and "per rank; communication" in html
+    assert "every rank holds the same shapes" in html

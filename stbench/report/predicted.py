@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 from .. import results
 from ..predict import hardware as hw
 from .figures import Figure, _styled, to_data_uri
+from .verdict import layout_label
 
 def is_predicted(record: dict) -> bool:
     return bool(record.get("predicted"))
@@ -50,6 +51,12 @@ def pair(prediction: dict, measured: list[dict]) -> dict:
     return row
 
 
+def _family(record: dict) -> tuple:
+    """What a row of the what-fits figure holds fixed: the model, batch, mode, dtype and the layout of GPUs."""
+    return (record["arch"], record["preset"], f"b{record['batch']}", record["mode"], record["dtype"],
+            layout_label(record))
+
+
 def _largest(cases: list[dict], field: str) -> str:
     """'N' (largest value that fits; '≥N' if every tried value fits) or 'none' over cases varying in `field`."""
     fit = max((r[field] for r in cases if r["predicted"]["fits"]), default=None)
@@ -67,7 +74,7 @@ def _most_tried(cases: list[dict], fixed: str, varied: str):
 def fits_figure(predictions: list[dict]) -> Figure | None:
     """What fits on which GPU: per architecture and hardware, the largest frames and resolution predicted to fit."""
     names = [n for n in hw.NAMES if any(r["predicted"]["hardware"] == n for r in predictions)]
-    families = sorted({(r["arch"], r["preset"], r["batch"], r["mode"], r["dtype"]) for r in predictions})
+    families = sorted({_family(r) for r in predictions})
     if not names or not families:
         return None
     grid, notes = [], []
@@ -75,7 +82,7 @@ def fits_figure(predictions: list[dict]) -> Figure | None:
         values, texts = [], []
         for name in names:
             cases = [r for r in predictions if r["predicted"]["hardware"] == name
-                     and (r["arch"], r["preset"], r["batch"], r["mode"], r["dtype"]) == family]
+                     and _family(r) == family]
             if not cases:
                 values.append(0)
                 texts.append("—")
@@ -98,7 +105,7 @@ def fits_figure(predictions: list[dict]) -> Figure | None:
         for j, text in enumerate(texts):
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(families)), [f"{a} {p} b{b} {m} {d}" for a, p, b, m, d in families])
+    ax.set_yticks(range(len(families)), [" ".join(f for f in family if f) for family in families])
     ax.grid(False)
     ax.set_title("largest case predicted to fit (PREDICTED, not measured)", fontsize=9)
     fig.tight_layout()
