@@ -107,6 +107,25 @@ def train_case(case: Case, *, steps: int, eval_every: int, seed: int = 0, lr: fl
         command=command))
 
 
+def _check_resumed_settings(out: Path, args: argparse.Namespace) -> None:
+    """--resume skips recorded cases: refuse when they were trained otherwise (their losses would be compared with
+    this call's as if trained alike)."""
+    path = out / runfolder.RESULTS_FILE
+    if not path.exists():
+        return
+    asked = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "heldout": args.heldout}
+    for record in results.read_records(path):
+        train = record.get("train") or {}
+        if not train:
+            continue
+        had = {"steps": train.get("steps"), "seed": train.get("seed"), "lr": train.get("lr"),
+               "heldout": (train.get("dataset") or {}).get("heldout")}
+        differ = [f"--{k} {had[k]} there, {asked[k]} now" for k in asked if had[k] is not None and had[k] != asked[k]]
+        if differ:
+            raise UserError(f"--resume: {out} holds {record['arch']} trained with other settings ({'; '.join(differ)}"
+                            f"); pass the same settings or another --out")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     runner.add_arguments(parser)
     for action in parser._actions:  # run's flags that train refuses stay out of --help
@@ -143,6 +162,8 @@ def execute(args: argparse.Namespace) -> int:
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
     options = {"steps": args.steps, "eval_every": args.eval_every, "seed": args.seed, "lr": args.lr,
                "heldout": args.heldout, "save": args.save, "command": command}
+    if args.resume:
+        _check_resumed_settings(out, args)
     records = runner.run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, progress=not args.no_progress,
                                command=command, case_fn=train_case, case_options=options)
     for r in records:

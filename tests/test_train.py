@@ -201,13 +201,18 @@ def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
     child.send_signal(signal.SIGKILL)  # during the second case
     child.wait()
     assert [r["arch"] for r in results.read_records(path)] == ["dit-full"]
-    done = subprocess.run(argv[:argv.index("--steps") + 1] + ["3"] + argv[argv.index("--steps") + 2:] +
-                          ["--resume"], cwd=REPO, env=env, capture_output=True, text=True)
+    # resuming with other training settings would mix cases trained differently: refused, nothing written
+    other = subprocess.run(argv[:argv.index("--steps") + 1] + ["3"] + argv[argv.index("--steps") + 2:] +
+                           ["--resume"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"stbench: error: --resume: {out} holds dit-full trained with other settings (--steps 60 there, 3 now); "
+        f"pass the same settings or another --out")
+    done = subprocess.run(argv + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     records = results.read_records(path)
     assert sorted(r["arch"] for r in records) == ["dit-full", "dit-window"]
     assert len({results.case_key(r) for r in records}) == 2
-    assert records[0]["train"]["steps"] == 60 and records[1]["train"]["steps"] == 3
+    assert records[0]["train"]["steps"] == records[1]["train"]["steps"] == 60
     assert len(json.loads((out / runfolder.RUN_FILE).read_text())["invocations"]) == 2
 
 
