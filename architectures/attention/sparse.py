@@ -257,6 +257,7 @@ class _GatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, flat, mask, scale, step, recompute):  # (rows, bq, D), (pieces, bk, D) x2
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         rows, bq, _ = q.shape
+        keep = not recompute and any(ctx.needs_input_grad[:3])  # E for backward (not under no_grad)
         qs, kw, vw = q.to(work) * scale, k.to(work), v.to(work)  # the scale folded into the smaller operand
         hidden = None if mask is None else mask.logical_not()  # (rows, 1, L)
         out = torch.empty(rows, bq, v.shape[-1], dtype=work, device=q.device)
@@ -266,7 +267,7 @@ class _GatherAttention(torch.autograd.Function):
         for r in range(0, rows, step):
             n = min(step, rows - r)
             _, kb, vb = _GatherAttention._gather(kw, vw, flat, r, n, kbuf, vbuf)
-            e = sbuf[:n] if recompute else torch.empty_like(sbuf[:n])  # (n, bq, L); kept for backward
+            e = torch.empty_like(sbuf[:n]) if keep else sbuf[:n]  # (n, bq, L)
             torch.bmm(qs[r:r + n], kb.transpose(1, 2), out=e)  # scores
             if hidden is not None:
                 e.masked_fill_(hidden[r:r + n], float("-inf"))
@@ -277,6 +278,7 @@ class _GatherAttention(torch.autograd.Function):
                 torch.add(peak, total.log_(), out=shift[r:r + n])
             else:
                 torch.reciprocal(total, out=shift[r:r + n])
+            if keep:
                 probs.append(e)
         out = out.to(q.dtype)
         # through autograd's hooks: saved-activation counts see every saved tensor (E included)
