@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .flex import flex_available, flex_block_sparse_attention, flex_head_dim, flex_supports
 
-CPU_CHUNK_ELEMENTS = 1 << 18  # score elements per chunk on CPU (1 MB fp32): see _GatherAttention
+CPU_CHUNK_ELEMENTS = 1 << 18  # score elements per chunk and CPU thread (1 MB fp32): see _GatherAttention
 DEVICE_CHUNK_ELEMENTS = 1 << 27  # elsewhere: few, large chunks (the scores are materialised, unlike flash)
 
 _flop_tally: list[int] | None = None  # set by count_sparse_flops(): [FLOPs] of the sparse kernels
@@ -218,7 +218,8 @@ def gather_attention(q, k, v, flat, mask, scale: float, recompute: bool = False)
     """
     rows, bq, _ = q.shape
     scores_per_row = bq * flat.shape[1] * k.shape[1]
-    budget = CPU_CHUNK_ELEMENTS if q.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    # on CPU each thread's share of a chunk stays in its cache; fewer, larger parallel regions with more threads
+    budget = CPU_CHUNK_ELEMENTS * torch.get_num_threads() if q.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
     step = max(1, min(rows, budget // scores_per_row))
     return _GatherAttention.apply(q, k, v, flat, mask, scale, step, recompute)
 
