@@ -164,7 +164,8 @@ def measure(args, out: Path) -> list[dict]:
                 else:
                     info = record["attention"]
                     tiles = computed_tiles(key[0], [info["kept_blocks"]] * H, nk, B)
-                    record["flops_per_step"] = sum(tile_flops(tiles, bs, bs, D))  # score tiles only
+                    # score tiles only; the gather kernel (no recompute) skips the score matmul in backward
+                    record["flops_per_step"] = sum(tile_flops(tiles, bs, bs, D, scores_recomputed=key[0] != "gather"))
                     speedup = sdpa / times.median_ms if sdpa else None
                     info.update(sdpa_ms_median=sdpa, speedup=speedup, ideal_speedup=1 / (1 - key[1]),
                                 efficiency=speedup * (1 - key[1]) if speedup else None)

@@ -41,6 +41,73 @@ def test_block_sparse_equals_dense_restricted_to_the_blocks(tokens, block, chunk
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("tokens,block,ragged", [(256, 64, False), (200, 64, True), (330, 32, True)])
+def test_gather_kernel_is_exact_in_fp32_and_fp64(tokens, block, ragged, recompute, dtype, tol, monkeypatch):
+    """Forward and gradients equal dense attention restricted to the same keys: uneven token counts (a partial
+    last block), rows with different numbers of blocks, several chunks, saved or recomputed probabilities."""
+    monkeypatch.setattr(sparse, "CPU_CHUNK_ELEMENTS", 3 * block * block)  # a few query blocks per chunk
+    q, k, v = (rand(2, 3, tokens, 16, seed=s).to(dtype).detach().requires_grad_() for s in range(3))
+    nb = math.ceil(tokens / block)
+    if ragged:
+        mask = random_block_mask(2, 3, nb, nb, seed=1)
+        assert mask.sum(-1).unique().numel() > 1
+        kmax, uniform = None, False
+    else:  # every row keeps kmax blocks: the kernel runs without a mask
+        scores = torch.rand(2, 3, nb, nb, generator=torch.Generator().manual_seed(1))
+        kmax, uniform = 2, True
+        mask = select_blocks(scores, kmax)
+    out = block_sparse_attention(q, k, v, mask, block, backend="gather", recompute=recompute, kmax=kmax,
+                                 uniform=uniform)
+    ref = dense_attention(q, k, v, attn_mask=block_mask_to_token_mask(mask, block, tokens, tokens))
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_token_level_gather_is_exact(recompute):
+    """gather_token_attention (pieces of one key) equals dense attention masked to each block's own keys."""
+    q, k, v = (rand(1, 2, 100, 8, seed=s) for s in range(3))
+    block, nq = 32, 4
+    g = torch.Generator().manual_seed(3)
+    keys = torch.stack([torch.randperm(100, generator=g)[:20] for _ in range(2 * nq)]).view(1, 2, nq, 20)
+    out = dsv.gather_token_attention(q, k, v, keys, block, 8 ** -0.5, recompute)
+    token_mask = torch.zeros(1, 2, nq, 100, dtype=torch.bool).scatter_(-1, keys, True)
+    ref = dense_attention(q, k, v, attn_mask=token_mask.repeat_interleave(block, -2)[..., :100, :])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gather_kernel_keeps_its_probabilities_only_without_recompute():
+    """Without recompute the kernel saves exp(S - max) per computed score (and counts no score matmul in
+    backward); recompute saves only inputs, output and log-sum-exp, as SDPA does."""
+    from stbench.measure import activations, flops
+
+    q, k, v = (rand(1, 2, 256, 16, seed=s).float().detach().requires_grad_() for s in range(3))
+    mask = select_blocks(torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)), 2)
+    tiles = 1 * 2 * 4 * 2  # heads x query blocks x kept blocks
+    saved, counted = {}, {}
+    for recompute in (False, True):
+        def step():
+            out = block_sparse_attention(q, k, v, mask, 64, backend="gather", recompute=recompute, kmax=2)
+            out.backward(torch.ones_like(out))
+        with activations.SavedTensorCounter() as counter:
+            block_sparse_attention(q, k, v, mask, 64, backend="gather", recompute=recompute, kmax=2)
+        saved[recompute] = counter.total_bytes
+        counted[recompute] = flops.count_flops(step)
+        assert counted[recompute] == sum(sparse.tile_flops(tiles, 64, 64, 16, scores_recomputed=recompute))
+    assert saved[False] - saved[True] >= tiles * 64 * 64 * 4  # the probabilities, fp32
+    assert counted[True] - counted[False] == 2 * tiles * 64 * 64 * 16  # the score matmul QK^T
+    with torch.no_grad():  # nothing to keep: the same result from the workspace
+        torch.testing.assert_close(block_sparse_attention(q, k, v, mask, 64, backend="gather", kmax=2),
+                                   block_sparse_attention(q, k, v, mask, 64, backend="gather", recompute=True, kmax=2))
+
+
 def test_every_block_selected_equals_full_attention():
     q, k, v = (rand(1, 2, 192, 8, seed=s) for s in range(3))
     mask = torch.ones(1, 2, 3, 3, dtype=torch.bool)

@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .flex import flex_available, flex_block_sparse_attention, flex_head_dim, flex_supports
 
-CPU_CHUNK_ELEMENTS = 1 << 22  # gathered K (or V) elements per piece on CPU (16 MB fp32): below glibc's
-# largest mmap threshold (32 MB), so pieces are reused from the heap instead of page-faulted in every step
+CPU_CHUNK_ELEMENTS = 1 << 18  # score elements per chunk and CPU thread (1 MB fp32): see _GatherAttention
+DEVICE_CHUNK_ELEMENTS = 1 << 27  # elsewhere: few, large chunks (the scores are materialised, unlike flash)
 
 _flop_tally: list[int] | None = None  # set by count_sparse_flops(): [FLOPs] of the sparse kernels
 
@@ -51,10 +51,18 @@ def count_sparse_flops():
         _flop_tally = outer
 
 
-def tile_flops(tiles: int, q_rows: int, kv_cols: int, head_dim: int) -> tuple[int, int]:
-    """(forward, backward) FLOPs of `tiles` score tiles of q_rows x kv_cols, by torch's SDPA formulas."""
+def tile_flops(tiles: int, q_rows: int, kv_cols: int, head_dim: int,
+               scores_recomputed: bool = True) -> tuple[int, int]:
+    """(forward, backward) FLOPs of `tiles` score tiles of q_rows x kv_cols, by torch's SDPA formulas.
+
+    scores_recomputed=False: the backward reuses the forward's probabilities (the gather kernel without
+    recompute) and skips the score matmul Q K^T that SDPA's backward formula counts.
+    """
     q, kv = (tiles, 1, q_rows, head_dim), (tiles, 1, kv_cols, head_dim)
-    return flop_counter.sdpa_flop_count(q, kv, kv), flop_counter.sdpa_backward_flop_count(q, q, kv, kv)
+    backward = flop_counter.sdpa_backward_flop_count(q, q, kv, kv)
+    if not scores_recomputed:
+        backward -= flop_counter.bmm_flop((tiles, q_rows, head_dim), (tiles, head_dim, kv_cols))
+    return flop_counter.sdpa_flop_count(q, kv, kv), backward
 
 
 class _HiddenFromModes(torch.autograd.Function):
@@ -129,16 +137,16 @@ def block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float | 
         return flex_block_sparse_attention(q, k, v, block_mask, block_size, scale, on_fallback=on_fallback,
                                            fallback=gather)
 
-    def run(fn, tiles, dim=D):
+    def run(fn, tiles, dim=D, scores_recomputed=recompute):  # the gather kernel's backward reuses its scores
         if _flop_tally is None:
             return fn(q, k, v)
-        return _HiddenFromModes.apply(q, k, v, fn, tile_flops(tiles, block_size, block_size, dim))
+        return _HiddenFromModes.apply(q, k, v, fn, tile_flops(tiles, block_size, block_size, dim, scores_recomputed))
 
     if chosen == "flex":
         # every row of the DSV mask keeps exactly its head's k blocks: the flex tiles are these blocks
         flex_tiles = int(block_mask.sum()) if _flop_tally is not None else 0  # counting pass: sync allowed
         try:
-            return run(flex, flex_tiles, flex_head_dim(D))
+            return run(flex, flex_tiles, flex_head_dim(D), scores_recomputed=True)
         except Exception as error:  # noqa: BLE001 - classified below
             from stbench.measure.memory import is_out_of_memory  # the one shared out-of-memory check
 
@@ -204,66 +212,115 @@ def gather_token_attention(q, k, v, key_index, block_size: int, scale: float, re
 
 
 def gather_attention(q, k, v, flat, mask, scale: float, recompute: bool = False):
-    """q (rows, bq, D) attends to the key/value pieces flat (rows, m) of k, v (pieces, bk, D) -> (rows, bq, D)."""
-    rows, bq, D = q.shape
-    per_row = flat.shape[1] * k.shape[1]
-    step = max(1, CPU_CHUNK_ELEMENTS // (per_row * D)) if q.device.type == "cpu" else rows
-    return _ChunkedGatherAttention.apply(q, k, v, flat, mask, scale, step, recompute)
+    """q (rows, bq, D) attends to the key/value pieces flat (rows, m) of k, v (pieces, bk, D) -> (rows, bq, D).
+
+    mask: bool (rows, 1, m*bk), False where a gathered key is not attended (padding), or None.
+    """
+    rows, bq, _ = q.shape
+    scores_per_row = bq * flat.shape[1] * k.shape[1]
+    # on CPU each thread's share of a chunk stays in its cache; fewer, larger parallel regions with more threads
+    budget = CPU_CHUNK_ELEMENTS * torch.get_num_threads() if q.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    step = max(1, min(rows, budget // scores_per_row))
+    return _GatherAttention.apply(q, k, v, flat, mask, scale, step, recompute)
 
 
-class _ChunkedGatherAttention(torch.autograd.Function):
-    """SDPA of query-block chunks on their gathered key/value blocks, accumulating one dk/dv in backward."""
+class _GatherAttention(torch.autograd.Function):
+    """Softmax attention of query-block chunks on their gathered key/value blocks, as batched matmuls.
 
-    # Per-chunk autograd would allocate a full-size zero gradient per chunk, hence the hand-written backward.
-    # With `recompute`, the gathered blocks are not kept for backward but gathered and attended again.
-    # On CPU the query blocks go in chunks: one large gathered buffer is a fresh mmap (page faults) every
-    # step, small ones come from the allocator's heap, which makes the gather several times faster.
+    Forward keeps, per chunk, the unnormalised probabilities E = exp(S - rowmax) (S = scale * Q K^T on the
+    gathered keys) and 1/rowsum; backward then needs four matmuls (dV, dP, dQ, dK) instead of a flash
+    kernel's five, and no exponential. `recompute` keeps only the inputs and the log-sum-exp and recomputes
+    E in backward (five matmuls, as flash does).
+    """
+
+    # Why not SDPA per chunk: on CPU its flash kernel splits a 64-query problem into 32-row tiles (slow GEMMs),
+    # and its autograd keeps the gathered keys and values or gathers them twice. A chunk's scores
+    # (CPU_CHUNK_ELEMENTS per thread) are meant to stay in cache; at one thread 2^17 to 2^20 measured alike at
+    # 4096 tokens, so the choice is not critical. Every per-chunk buffer is one workspace reused by all chunks
+    # of a call: a fresh large buffer per chunk costs page faults. Keys and values are gathered again in
+    # backward: an index_select into a workspace costs little next to the matmuls.
 
     @staticmethod
-    def _chunk(q, k, v, flat, mask, scale, r, step):  # -> leaves (qb, kb, vb), out (1, rows', bs, D)
-        idx = flat[r:r + step].reshape(-1)
-        qb = q[r:r + step].detach().unsqueeze(0).requires_grad_()  # (1, rows', bq, D)
-        kb = k.detach().index_select(0, idx).view(1, qb.shape[1], -1, q.shape[-1]).requires_grad_()
-        vb = v.detach().index_select(0, idx).view(1, qb.shape[1], -1, q.shape[-1]).requires_grad_()
-        m = None if mask is None else mask[r:r + step].unsqueeze(0)
-        return idx, (qb, kb, vb), F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=scale)
+    def _workspace(k, v, flat, step, bq, work):  # buffers for the gathered blocks and one chunk's scores
+        m = flat.shape[1]
+        kbuf = torch.empty(step * m, *k.shape[1:], dtype=work, device=k.device)
+        vbuf = torch.empty(step * m, *v.shape[1:], dtype=work, device=v.device)
+        sbuf = torch.empty(step, bq, m * k.shape[1], dtype=work, device=k.device)
+        return kbuf, vbuf, sbuf
+
+    @staticmethod
+    def _gather(k, v, flat, r, n, kbuf, vbuf):  # -> idx (n*m,), kb (n, L, Dk), vb (n, L, Dv)
+        idx = flat[r:r + n].reshape(-1)
+        kb = torch.index_select(k, 0, idx, out=kbuf[:idx.shape[0]]).view(n, -1, k.shape[-1])
+        vb = torch.index_select(v, 0, idx, out=vbuf[:idx.shape[0]]).view(n, -1, v.shape[-1])
+        return idx, kb, vb
 
     @staticmethod
     def forward(ctx, q, k, v, flat, mask, scale, step, recompute):  # (rows, bq, D), (pieces, bk, D) x2
-        pieces, outs = [], []
-        with torch.set_grad_enabled(not recompute):
-            for r in range(0, q.shape[0], step):
-                idx, leaves, out = _ChunkedGatherAttention._chunk(q, k, v, flat, mask, scale, r, step)
-                pieces.append((idx, leaves, out))
-                outs.append(out.detach())
-        ctx.args = (mask, scale, step, recompute)
-        if recompute:
-            ctx.save_for_backward(q, k, v, flat)  # through autograd's hooks: saved-activation counts see them
-            pieces = None
-        ctx.pieces, ctx.shapes = pieces, (q.shape, k.shape)
-        return torch.cat(outs, 1).squeeze(0)  # (rows, bq, D)
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        rows, bq, _ = q.shape
+        keep = not recompute and any(ctx.needs_input_grad[:3])  # E for backward (not under no_grad)
+        qs, kw, vw = q.to(work) * scale, k.to(work), v.to(work)  # the scale folded into the smaller operand
+        hidden = None if mask is None else mask.logical_not()  # (rows, 1, L)
+        out = torch.empty(rows, bq, v.shape[-1], dtype=work, device=q.device)
+        shift = torch.empty(rows, bq, 1, dtype=work, device=q.device)  # log-sum-exp, or 1/rowsum (no recompute)
+        kbuf, vbuf, sbuf = _GatherAttention._workspace(kw, vw, flat, step, bq, work)
+        probs = []
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            _, kb, vb = _GatherAttention._gather(kw, vw, flat, r, n, kbuf, vbuf)
+            e = torch.empty_like(sbuf[:n]) if keep else sbuf[:n]  # (n, bq, L)
+            torch.bmm(qs[r:r + n], kb.transpose(1, 2), out=e)  # scores
+            if hidden is not None:
+                e.masked_fill_(hidden[r:r + n], float("-inf"))
+            peak = e.amax(-1, keepdim=True)  # (n, bq, 1)
+            total = e.sub_(peak).exp_().sum(-1, keepdim=True)
+            torch.bmm(e, vb, out=out[r:r + n]).div_(total)  # (n, bq, Dv)
+            if recompute:
+                torch.add(peak, total.log_(), out=shift[r:r + n])
+            else:
+                torch.reciprocal(total, out=shift[r:r + n])
+            if keep:
+                probs.append(e)
+        out = out.to(q.dtype)
+        # through autograd's hooks: saved-activation counts see every saved tensor (E included)
+        ctx.save_for_backward(q, k, v, flat, out, shift, *probs)
+        ctx.args = (mask, scale, step, recompute, work)
+        return out  # (rows, bq, Dv)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # (rows, bq, D)
-        (q_shape, kv_shape), (mask, scale, step, recompute) = ctx.shapes, ctx.args
-        dq = torch.empty(q_shape, dtype=grad.dtype, device=grad.device)
-        # a key/value block collects one gradient per query block that selected it: sum bf16/fp16 in fp32
-        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-        dk = torch.zeros(kv_shape, dtype=acc, device=grad.device)
-        dv = torch.zeros(kv_shape, dtype=acc, device=grad.device)
-        if recompute:
-            q, k, v, flat = ctx.saved_tensors
-        for i, r in enumerate(range(0, q_shape[0], step)):
-            if recompute:
-                with torch.enable_grad():
-                    idx, leaves, out = _ChunkedGatherAttention._chunk(q, k, v, flat, mask, scale, r, step)
+    def backward(ctx, grad):  # (rows, bq, Dv)
+        mask, scale, step, recompute, work = ctx.args
+        q, k, v, flat, out, shift, *probs = ctx.saved_tensors
+        rows, bq, _ = q.shape
+        qs, kw, vw = q.to(work) * scale, k.to(work), v.to(work)
+        hidden = None if mask is None else mask.logical_not()
+        g = grad.to(work)
+        delta = (g * out.to(work)).sum(-1, keepdim=True)  # (rows, bq, 1): rowsum(P * dP) = dO . O
+        if not recompute:  # P = E / rowsum: fold 1/rowsum into dO and delta, whose rows it scales
+            g, delta = g * shift, delta * shift
+        dq = torch.empty_like(qs)
+        # a key/value block collects one gradient per query block that selected it (bf16/fp16: summed in fp32)
+        dk, dv = torch.zeros_like(kw), torch.zeros_like(vw)
+        kbuf, vbuf, sbuf = _GatherAttention._workspace(kw, vw, flat, step, bq, work)
+        ebuf = torch.empty_like(sbuf) if recompute else None
+        dkbuf, dvbuf = torch.empty_like(kbuf), torch.empty_like(vbuf)  # per-block dK, dV of a chunk
+        for i, r in enumerate(range(0, rows, step)):
+            n = min(step, rows - r)
+            idx, kb, vb = _GatherAttention._gather(kw, vw, flat, r, n, kbuf, vbuf)
+            if recompute:  # E = exp(S - lse) = P
+                e = torch.baddbmm(shift[r:r + n].neg(), qs[r:r + n], kb.transpose(1, 2), out=ebuf[:n])
+                if hidden is not None:
+                    e.masked_fill_(hidden[r:r + n], float("-inf"))
+                e.exp_()
             else:
-                idx, leaves, out = ctx.pieces[i]
-            n = leaves[0].shape[1]
-            gq, gk, gv = torch.autograd.grad(out, leaves, grad[r:r + n].unsqueeze(0))
-            dq[r:r + n] = gq[0]
-            dk.index_add_(0, idx, gk.reshape(-1, *kv_shape[1:]).to(acc))
-            dv.index_add_(0, idx, gv.reshape(-1, *kv_shape[1:]).to(acc))
-        ctx.pieces = None
-        return dq, dk.to(grad.dtype), dv.to(grad.dtype), None, None, None, None, None
+                e = probs[i]
+            gr, blocks = g[r:r + n], idx.shape[0]
+            torch.bmm(e.transpose(1, 2), gr, out=dvbuf[:blocks].view(n, -1, v.shape[-1]))  # (n, L, Dv)
+            dv.index_add_(0, idx, dvbuf[:blocks])
+            ds = torch.bmm(gr, vb.transpose(1, 2), out=sbuf[:n]).sub_(delta[r:r + n]).mul_(e)  # (n, bq, L): dS
+            torch.bmm(ds, kb, out=dq[r:r + n])  # (n, bq, Dk)
+            torch.bmm(ds.transpose(1, 2), qs[r:r + n], out=dkbuf[:blocks].view(n, -1, k.shape[-1]))
+            dk.index_add_(0, idx, dkbuf[:blocks])
+        return dq.mul_(scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
