@@ -22,19 +22,10 @@ import torch
 from . import results, runfolder
 from .config import DTYPES, TORCH_DTYPES
 from .errors import UserError
+from .overrides import comma_list
 from .measure import env, memory, timing
 
 SPARSE_BACKENDS = ("gather", "flex")
-def _list(text: str, kind, name: str) -> tuple:
-    try:
-        values = tuple(kind(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise UserError(f"{name}: expected comma-separated {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise UserError(f"{name}: empty")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", default="4096", help="comma-separated sequence lengths (default 4096)")
     parser.add_argument("--sparsity", default="0.5,0.75,0.9", help="comma-separated block sparsities in [0, 1)")
@@ -104,12 +95,12 @@ def measure(args, out: Path) -> list[dict]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    backends = _list(args.backends, str, "backends") if args.backends else \
+    backends = comma_list(args.backends, "backends", str) if args.backends else \
         (("flex", "gather") if device.startswith("cuda") else ("gather",))
     for b in backends:
         if b not in SPARSE_BACKENDS:
             raise UserError(f"backends: {b!r} is not legal; legal: {', '.join(SPARSE_BACKENDS)}")
-    tokens, sparsities = _list(args.tokens, int, "tokens"), _list(args.sparsity, float, "sparsity")
+    tokens, sparsities = comma_list(args.tokens, "tokens"), comma_list(args.sparsity, "sparsity", float)
     if min(tokens) < 1 or any(not 0 <= s < 1 for s in sparsities) or min(args.heads, args.head_dim, args.batch,
                                                                           args.block_size, args.repeats,
                                                                           args.rounds) < 1:
