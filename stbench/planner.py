@@ -164,7 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=16, help="frames (default 16)")
     parser.add_argument("--batch", type=int, default=1, help="batch per FSDP rank (default 1)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="autocast dtype (default bf16)")
-    parser.add_argument("--gpus", type=int, required=True, help="GPU count to plan for")
+    parser.add_argument("--gpus", type=int, required=True, help="GPU count to plan for (each layout is one fake "
+                        "training step of one rank: about a minute for a 14B model on this project's CPU)")
     parser.add_argument("--hardware", default="h100-sxm", help=f"one of {', '.join(hw.HARDWARE)}")
     parser.add_argument("--activation-checkpointing", default="none,blocks",
                         help="comma-separated choices to consider (default none,blocks)")
