@@ -48,8 +48,7 @@ def shard_step(step, layout: fsdp_lib.FSDPLayout, mesh, context_parallel: str | 
         from .parallel import make_context_parallel
 
         cp = make_context_parallel(context_parallel, mesh.get_group("cp"))
-        cp.attach(model)  # no optimizer hook: FSDP's reduce-scatter averages the gradients
-    fsdp_lib.apply_fsdp(model, mesh, layout)
+    fsdp_lib.apply_fsdp(model, mesh, layout, cp)
     lr = step.optimizer.defaults["lr"]
     step.trainable = model.trainable_parameters()
     step.optimizer = torch.optim.AdamW(step.trainable, lr=lr)

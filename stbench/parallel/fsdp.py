@@ -82,8 +82,14 @@ def checkpoint_modules(model: nn.Module, units: list[nn.Module], mode: str) -> l
     return chosen
 
 
-def apply_fsdp(model: nn.Module, mesh, layout: FSDPLayout) -> list[nn.Module]:
-    """Checkpoint, then shard `model` in place (units first, then the root); returns the units."""
+def apply_fsdp(model: nn.Module, mesh, layout: FSDPLayout, cp=None) -> list[nn.Module]:
+    """Checkpoint, attach context parallelism `cp` (if any), then shard `model` in place (units first, then
+    the root); returns the units.
+
+    The order matters: a diffusers model shards its tokens in a forward pre-hook on its first block. Composable
+    checkpointing saves a block's inputs in its own pre-hook and, in backward, calls the block again with them
+    (every other hook active): registered after it, the token hook sees the whole sequence both times and shards
+    it once; registered before, the recomputation would shard already-sharded tokens."""
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -94,6 +100,8 @@ def apply_fsdp(model: nn.Module, mesh, layout: FSDPLayout) -> list[nn.Module]:
                          f"has no such modules")
     for module in recomputed:
         checkpoint(module)
+    if cp is not None:
+        cp.attach(model)  # no optimizer hook: FSDP's reduce-scatter averages the gradients
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if layout.mixed_precision else MixedPrecisionPolicy())
     flat = shard_mesh(mesh)

@@ -73,12 +73,13 @@ def shard(model, case: Case, world: int) -> fsdp_lib.FSDPLayout:
     except ValueError as e:
         raise UserError(f"world-size: {e}") from None
     mesh = fsdp_lib.build_mesh(layout, "cpu")
+    cp = None
     if layout.cp > 1:
         from ..parallel import make_context_parallel
 
-        make_context_parallel(case.context_parallel, mesh.get_group("cp")).attach(model)
+        cp = make_context_parallel(case.context_parallel, mesh.get_group("cp"))
     try:
-        fsdp_lib.apply_fsdp(model, mesh, layout)
+        fsdp_lib.apply_fsdp(model, mesh, layout, cp)
     except ValueError as e:
         raise UserError(f"activation-checkpointing: {e}") from None
     return layout
