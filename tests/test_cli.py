@@ -138,9 +138,11 @@ def test_sigkilled_sweep_resumes_with_every_case_exactly_once(tmp_path):
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     path = tmp_path / runfolder.RESULTS_FILE
     args = [*RUN, "--batch", "1,2,3,4", "--set", "sleep_ms=100", "--out", str(tmp_path), "--isolate"]
-    # its own process group, like a terminal's foreground job: Ctrl-C reaches the runner and its case child
+    # its own process group, like a terminal's foreground job: Ctrl-C reaches the runner and its case child.
+    # SIGINT's default action restored: a test run started in the background of a shell inherits it ignored
     child = subprocess.Popen(stbench_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+                             text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (path.exists() and path.stat().st_size):
         assert child.poll() is None and time.monotonic() < deadline
