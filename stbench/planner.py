@@ -27,6 +27,7 @@ from .overrides import comma_list
 from .parallel.fsdp import ACTIVATION_CHECKPOINTING
 from .predict import hardware as hw
 from .predict.command import Predictor
+from .runner import fsdp_settings
 from .units import format_bytes
 
 PLAN_FILE = "plan.txt"
@@ -49,9 +50,9 @@ class Layout:
 
     def case(self, base: Case) -> Case:
         """`base` laid out so (UserError where stbench cannot run it)."""
-        return dataclasses.replace(base, fsdp=self.fsdp, context_parallel=self.context_parallel,
-                                   activation_checkpointing=self.activation_checkpointing,
-                                   fsdp_reshard_after_forward=True, fsdp_mixed_precision=False)
+        settings = fsdp_settings(argparse.Namespace(fsdp=self.fsdp,
+                                                    activation_checkpointing=self.activation_checkpointing))
+        return dataclasses.replace(base, context_parallel=self.context_parallel, **settings)
 
 
 def layouts(gpus: int, checkpointing: tuple[str, ...]) -> list[Layout]:

@@ -154,6 +154,19 @@ def case_slug(record: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(str(p) for p in parts))
 
 
+def layout_label(record: dict) -> str:
+    """'' on one device; else the ranks and how they split the work, e.g. '8 ranks: fsdp 4 x ring 2, checkpointing
+    blocks' (a prediction's ranks are the GPUs of its layout)."""
+    world = record.get("world_size") or 1
+    if record.get("fsdp") is None:
+        return f"{record.get('context_parallel')} x{world}" if world > 1 else ""
+    cp = world // record["fsdp"]
+    text = f"{world} ranks: fsdp {record['fsdp']}" + (f" x {record.get('context_parallel')} {cp}" if cp > 1 else "")
+    if record.get("activation_checkpointing") not in (None, "none"):
+        text += f", checkpointing {record['activation_checkpointing']}"
+    return text + (", bf16 params" if record.get("fsdp_mixed_precision") else "")
+
+
 def append_record(path: str | os.PathLike, record: dict) -> None:
     """Append one record as one line and fsync it, so a crash never loses or corrupts earlier records.
 

@@ -172,7 +172,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def op_group(args):
+def _group(args):
     """The op's process group: dispatched c10d ops carry it boxed as a ScriptObject."""
     for a in args:
         if isinstance(a, dist.ProcessGroup):
@@ -185,38 +185,45 @@ def op_group(args):
     return None
 
 
-def sent_bytes(name: str, args) -> tuple[str, int] | None:
-    """(kind, bytes this rank sends to other ranks) of one c10d op, None for an op that sends nothing."""
+def sent_bytes(name: str, args) -> tuple[str, int, int] | None:
+    """(kind, bytes this rank sends to other ranks, ranks of the op's group) of one c10d op, None for an op
+    that sends nothing."""
     op = name.split(".")[1] if "." in name else name
-    group = op_group(args)
+    group = _group(args)
     size = group.size() if group is not None else 1
-    if op.startswith("_allgather_base") or op.startswith("allgather_into_tensor"):
-        return "all_gather", _nbytes(_tensors(args[1])) * (size - 1)
-    if op.startswith("allgather"):  # (output lists, inputs)
-        return "all_gather", _nbytes(_tensors(args[1])) * (size - 1)
-    if op.startswith("_reduce_scatter_base") or op.startswith("reduce_scatter_tensor"):
-        return "reduce_scatter", _nbytes(_tensors(args[1])) * (size - 1) // size
-    if op.startswith("reduce_scatter"):  # (outputs, input lists)
-        return "reduce_scatter", _nbytes(_tensors(args[1])) * (size - 1) // size
-    if op.startswith("alltoall_base"):  # (output, input, group, output_splits, input_splits, ...)
+    if op.startswith(("_allgather_base", "allgather")):  # (output tensor or lists, inputs)
+        kind, nbytes = "all_gather", _nbytes(_tensors(args[1])) * (size - 1)
+    elif op.startswith(("_reduce_scatter_base", "reduce_scatter")):  # (output(s), input tensor or lists)
+        kind, nbytes = "reduce_scatter", _nbytes(_tensors(args[1])) * (size - 1) // size
+    elif op.startswith("alltoall_base"):  # (output, input, group, output_splits, input_splits, ...)
         x, splits = args[1], list(args[4])
         rows = x.shape[0] if x.dim() else 1
         own = splits[group.rank()] if splits else rows // size
-        return "all_to_all", _nbytes([x]) * (rows - own) // max(rows, 1)
-    if op.startswith("alltoall"):  # (outputs, inputs)
+        kind, nbytes = "all_to_all", _nbytes([x]) * (rows - own) // max(rows, 1)
+    elif op.startswith("alltoall"):  # (outputs, inputs)
         inputs = _tensors(args[1])
-        return "all_to_all", _nbytes(inputs) - _nbytes([inputs[group.rank()]])
-    if op.startswith("send"):
-        return "point_to_point", _nbytes(_tensors(args[0]))
-    if op.startswith("allreduce"):  # the ring algorithm's per-rank volume
-        return "all_reduce", _nbytes(_tensors(args[0])) * 2 * (size - 1) // size
-    if op.startswith("broadcast"):
-        return "broadcast", _nbytes(_tensors(args[0])) * (size - 1)
-    return None
+        kind, nbytes = "all_to_all", _nbytes(inputs) - _nbytes([inputs[group.rank()]])
+    elif op.startswith("send"):
+        kind, nbytes = "point_to_point", _nbytes(_tensors(args[0]))
+    elif op.startswith("allreduce"):  # the ring algorithm's per-rank volume
+        kind, nbytes = "all_reduce", _nbytes(_tensors(args[0])) * 2 * (size - 1) // size
+    elif op.startswith("broadcast"):
+        kind, nbytes = "broadcast", _nbytes(_tensors(args[0])) * (size - 1)
+    else:
+        return None
+    return kind, nbytes, size
+
+
+def bytes_by_kind(by_group: dict) -> dict[str, int]:
+    """{(kind, ranks): [bytes, calls]} -> {kind: bytes}."""
+    total: dict[str, int] = {}
+    for (kind, _ranks), (nbytes, _calls) in by_group.items():
+        total[kind] = total.get(kind, 0) + nbytes
+    return total
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Counts the bytes this rank sends through every c10d op dispatched while active, by kind.
+    """Counts the bytes this rank sends through every c10d op dispatched while active, by kind and group size.
 
     A dispatch mode sees each op PyTorch's own code (FSDP2) and ours (context parallelism) issues, forward and
     backward (CPU autograd runs on the calling thread); it costs Python time per op, so a counted step is not
@@ -225,18 +232,22 @@ class CollectiveCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.bytes_by_kind: dict[str, int] = {}
-        self.calls_by_kind: dict[str, int] = {}
+        self.by_group: dict[tuple[str, int], list[int]] = {}  # (kind, group ranks) -> [bytes, calls]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         if name.startswith("c10d."):
             sent = sent_bytes(name, args)
             if sent is not None:
-                kind, nbytes = sent
-                self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + int(nbytes)
-                self.calls_by_kind[kind] = self.calls_by_kind.get(kind, 0) + 1
+                kind, nbytes, ranks = sent
+                entry = self.by_group.setdefault((kind, ranks), [0, 0])
+                entry[0] += int(nbytes)
+                entry[1] += 1
         return func(*args, **(kwargs or {}))
+
+    @property
+    def bytes_by_kind(self) -> dict[str, int]:
+        return bytes_by_kind(self.by_group)
 
     @property
     def total(self) -> int:

@@ -55,6 +55,9 @@ class PredictSweep:
             raise UserError(f"hardware: unknown {', '.join(map(repr, unknown))}; legal: {', '.join(hw.NAMES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"dtype: {self.dtype!r} is not legal; legal: {', '.join(DTYPES)}")
+        if self.context_parallel is not None and self.fsdp is None:
+            raise UserError("context-parallel: predict models FSDP layouts; pass --fsdp F as well (F x the "
+                            "context-parallel degree = --world-size)")
 
     def dtype_for(self, name: str) -> str:
         return self.dtype or ("fp32" if name == "cpu" else "bf16")
@@ -71,9 +74,6 @@ class PredictSweep:
         if world < 1:
             raise UserError(f"world-size: must be >= 1, got {world}")
         fsdp = self.fsdp if world == self.world_sizes[0] or self.fsdp is None else world // self.cp_degree
-        if self.context_parallel is not None and self.fsdp is None:
-            raise UserError("context-parallel: predict models FSDP layouts; pass --fsdp F as well (F x the "
-                            "context-parallel degree = --world-size)")
         fsdp_asked = any(v is not None for v in (self.activation_checkpointing, self.fsdp_reshard_after_forward,
                                                  self.fsdp_mixed_precision))
         if fsdp is None and (world > 1 or fsdp_asked):
@@ -164,9 +164,7 @@ def describe(record: dict) -> str:
     what = (f"{record['arch']} {record['resolution']}px x{record['frames']} b{record['batch']} {record['dtype']} "
             f"on {record['device']}")
     if record.get("mesh"):
-        mesh = record["mesh"]
-        what += (f" x{record['world_size']} (fsdp {mesh['fsdp']} x {record.get('context_parallel') or 'cp'} "
-                 f"{mesh['cp']}, per rank)")
+        what += f", {results.layout_label(record)} (per rank)"
     if record["status"] == "error" or "peak_bytes" not in p:
         return f"error {what}: {(record.get('error') or '').splitlines()[-1:]}"
     text = f"{record['status']:5s} {what}: predicted peak {format_bytes(p['peak_bytes'])}"
@@ -279,9 +277,8 @@ def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int 
 def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, emit) -> None:
     """The fewest GPUs that fit each case, then the largest frames per resolution and largest resolution
     per frame count at each batch and world size (as `sweep.frontier` asks; each line to `emit`)."""
-    for b, r, f in ((b, r, f) for b in sweep.batches for r in sweep.resolutions for f in sweep.frames):
-        if target.name == "cpu" or sweep.frontier == "shapes":
-            break
+    cases = [(b, r, f) for b in sweep.batches for r in sweep.resolutions for f in sweep.frames]
+    for b, r, f in cases if target.name != "cpu" and sweep.frontier != "shapes" else ():
         n, why = fewest_gpus(predict, lambda w: sweep.case(arch, target.name, r, f, b, w), target,
                              start=sweep.cp_degree)
         layout = (f"fsdp x {sweep.context_parallel} {sweep.cp_degree}" if sweep.context_parallel else "fsdp") + (

@@ -8,6 +8,7 @@ from .. import results
 from ..config import Case
 from ..errors import UserError
 from ..measure import env
+from ..parallel.fsdp import bytes_by_kind
 from . import fake, memory, roofline, sharded
 from .hardware import Hardware
 
@@ -122,9 +123,7 @@ def predict_case(case: Case, hardware: Hardware, world: int = 1) -> dict:
 def _sharded_fields(record: dict, trace: fake.StepTrace, world: int) -> None:
     """The fields a torchrun FSDP record has, for the predicted rank (every rank holds the same shapes)."""
     layout = trace.layout
-    by_collective: dict[str, int] = {}
-    for (kind, _ranks), (nbytes, _calls) in trace.comm.items():
-        by_collective[kind] = by_collective.get(kind, 0) + nbytes
+    by_collective = bytes_by_kind(trace.comm)
     record["mesh"] = layout.mesh_record()
     record["comm_bytes"] = sum(by_collective.values())
     record["comm_bytes_by_collective"] = by_collective

@@ -46,6 +46,7 @@ class StepTrace:
     world: int = 1
     layout: object = None  # the FSDPLayout traced (one of its ranks), None for one process
     comm: dict = field(default_factory=dict)  # (kind, group ranks) -> [bytes this rank sends, calls], last step
+    # (CollectiveCounter.by_group)
 
     def live_at(self, index: int) -> dict:
         """Storage key -> bytes of the storages alive just after event `index`."""
@@ -66,7 +67,7 @@ class _Tracker(TorchDispatchMode):
         self.trace = trace
         self.keys: dict[int, int] = {}  # id(storage) -> key, while the storage lives
         self.next_key = 0
-        self.record_ops = self.record_comm = False
+        self.record_ops = False
         self.watched: set[int] = set()  # ids of storages with a finalizer
 
     def _allocate(self, storage, nbytes: int) -> int:
@@ -112,14 +113,8 @@ class _Tracker(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
-        if func.namespace == "c10d":  # communication: timed on the links, not as a kernel
-            sent = fsdp_lib.sent_bytes(str(func), args) if self.record_comm else None
-            if sent is not None:
-                group = fsdp_lib.op_group(args)
-                entry = self.trace.comm.setdefault((sent[0], group.size() if group is not None else 1), [0, 0])
-                entry[0] += int(sent[1])
-                entry[1] += 1
-        elif self.record_ops and launches_kernel(func):
+        # communication (c10d) is timed on the links from what a CollectiveCounter saw, not as a kernel
+        if self.record_ops and launches_kernel(func) and func.namespace != "c10d":
             # a rank computes on its shards: costs from the local tensors (DTensor sizes are global)
             local_args, local_kwargs, local_out = torch.utils._pytree.tree_map(sharded.local, (args, kwargs, out))
             self.trace.ops.append(op_cost(func, local_args, local_kwargs, local_out))
@@ -167,12 +162,13 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
     model = case.build_model("meta")
     model.set_training_mode(case.mode)
     model.train()
-    if trace.world > 1 or case.fsdp is not None:
+    if case.fsdp is not None:
         trace.layout = sharded.shard(model, case, trace.world)
     autocast_dtype = None if case.dtype == "fp32" else TORCH_DTYPES[case.dtype]
     autocast = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     with FakeTensorMode(allow_non_fake_inputs=True), _Tracker(trace) as tracker, \
-            sparse.fake_friendly(model, trace) as adapters, sharded.storage_resizes(tracker.resized):
+            sparse.fake_friendly(model, trace) as adapters, sharded.storage_resizes(tracker.resized), \
+            contextlib.ExitStack() as counting:
         if trace.layout is None:
             _fake_parameters(model)
         else:  # FSDP's shards (DTensors) are made by FSDP's own init path; ties do not survive sharding anyway
@@ -203,7 +199,8 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
 
             if last:
                 trace.measure_from = len(trace.events)
-                tracker.record_ops = tracker.record_comm = True
+                tracker.record_ops = True
+                counter = counting.enter_context(fsdp_lib.CollectiveCounter())  # the bytes each collective sends
             with saved_tensors_hooks(pack, lambda t: t):
                 with autocast():
                     loss = model.loss(batch)
@@ -220,6 +217,8 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
                     shard.grad = sharded.local(p.grad) if p.grad is not None else None
             optimizer.step()
             if last:
+                counting.close()
+                trace.comm = counter.by_group
                 state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
                 for t in state:
                     trace.categories[tracker.track(t)] = OPTIMIZER
@@ -227,7 +226,7 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             optimizer.zero_grad(set_to_none=True)
             for p in trainable:
                 p.grad = None
-        tracker.record_ops = tracker.record_comm = False
+        tracker.record_ops = False
         trace.params_total = sum(p.numel() for p in model.parameters())
         trace.params_trainable = sum(p.numel() for p in trainable)
         trace.param_bytes = _storage_bytes(model.parameters())

@@ -8,7 +8,6 @@ import matplotlib.pyplot as plt
 from .. import results
 from ..predict import hardware as hw
 from .figures import Figure, _styled, to_data_uri
-from .verdict import layout_label
 
 def is_predicted(record: dict) -> bool:
     return bool(record.get("predicted"))
@@ -54,7 +53,7 @@ def pair(prediction: dict, measured: list[dict]) -> dict:
 def _family(record: dict) -> tuple:
     """What a row of the what-fits figure holds fixed: the model, batch, mode, dtype and the layout of GPUs."""
     return (record["arch"], record["preset"], f"b{record['batch']}", record["mode"], record["dtype"],
-            layout_label(record))
+            results.layout_label(record))
 
 
 def _largest(cases: list[dict], field: str) -> str:

@@ -47,21 +47,8 @@ def settings_label(record: dict) -> str:
     text = f"{record['preset']} preset, {record['mode']} mode, {record['dtype']} on {record['device']}"
     if record.get("compile"):
         text += ", compiled"
-    layout = layout_label(record)
+    layout = results.layout_label(record)
     return f"{text}, {layout}" if layout else text
-
-
-def layout_label(record: dict) -> str:
-    """'' on one device; else the ranks and how they split the work, e.g. '8 ranks: fsdp 4 x ring 2, checkpointing
-    blocks' (a prediction's ranks are the GPUs of its layout)."""
-    world = record.get("world_size") or 1
-    if record.get("fsdp") is None:
-        return f"{record.get('context_parallel')} x{world}" if world > 1 else ""
-    cp = world // record["fsdp"]
-    text = f"{world} ranks: fsdp {record['fsdp']}" + (f" x {record.get('context_parallel')} {cp}" if cp > 1 else "")
-    if record.get("activation_checkpointing") not in (None, "none"):
-        text += f", checkpointing {record['activation_checkpointing']}"
-    return text + (", bf16 params" if record.get("fsdp_mixed_precision") else "")
 
 
 def _size(record: dict) -> int:
