@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import results, runfolder
 from .config import Case, Sweep
 from .errors import UserError
-from .measure import env, memory, sequence
+from .measure import env, memory, sequence, timing
 from .ranks import gather_records, merge_ranks
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -187,7 +187,7 @@ def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
     record["env"] = env.collect_env(device)
     cp = make_context_parallel(case.context_parallel)
     step_bytes: list[int] = []
-    by_kind: dict[str, int] = {}  # bytes by kind since the end of warm-up, as of the last timed step
+    timed: dict = {}  # the bytes of the timed steps only, taken when timing ends: later passes send bytes too
 
     def prepare(step):
         cp.broadcast_parameters(step.model)
@@ -197,20 +197,22 @@ def measure_rank(case: Case, *, repeats: int, warmup: int, world: int) -> dict:
             before = cp.counter.total
             loss = step()
             step_bytes.append(cp.counter.total - before)
-            by_kind.update(cp.counter.bytes_by_kind)
             return loss
         return counted_step
 
     def after_warmup():
         step_bytes.clear()
-        by_kind.clear()
         cp.counter.reset()
 
+    def time_steps(fn, n, device):
+        times = timing.time_steps(fn, n, device)
+        timed.update(step_bytes=list(step_bytes), by_kind=dict(cp.counter.bytes_by_kind))
+        return times
+
     sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare, after_warmup=after_warmup,
-                          settle=False)
-    # only the timed steps: the extra eager passes after timing (stats, activations, FLOPs) send bytes too
-    record["comm_bytes"] = sorted(step_bytes)[len(step_bytes) // 2]
-    record["comm_bytes_by_kind"] = {k: v // repeats for k, v in by_kind.items()}
+                          time_steps=time_steps, settle=False)
+    record["comm_bytes"] = sorted(timed["step_bytes"])[len(timed["step_bytes"]) // 2]
+    record["comm_bytes_by_kind"] = {k: v // repeats for k, v in timed["by_kind"].items()}
     record["rank_attention_work"] = cp.expected_rank_work()
     return merge_ranks(record, gather_records(record), world)
 

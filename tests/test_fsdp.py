@@ -370,3 +370,17 @@ def test_predicted_ring_layout_sends_what_the_gloo_run_sent(tmp_path):
         assert predicted["mesh"] == measured["mesh"] == {"fsdp": world // 2, "cp": 2, "shard_over": "fsdp x cp"}
         for name in ("comm_bytes", "comm_bytes_by_collective", "param_bytes", "grad_bytes", "optimizer_bytes"):
             assert predicted[name] == measured[name], (world, name)
+
+
+@pytest.mark.slow
+def test_context_parallel_record_counts_only_the_timed_steps(tmp_path):
+    """`comm_bytes_by_kind` is per timed step, like `comm_bytes`: the passes after timing (host peak, stats,
+    FLOPs) send bytes too, and must not be in it (every step of a dense layer sends the same bytes)."""
+    from stbench import results
+
+    codes, errs = _launch(tmp_path, 2, ["--arch", "dit-full", "--device", "cpu", "--repeats", "3",
+                                        "--context-parallel", "ulysses", "--no-progress"])
+    assert codes == [0, 0], errs
+    (r,) = results.read_records(tmp_path / "run")
+    assert r["status"] == "ok" and r["comm_bytes"] > 0
+    assert sum(r["comm_bytes_by_kind"].values()) == r["comm_bytes"]
