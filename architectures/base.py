@@ -10,7 +10,6 @@ import torch.nn.functional as F
 LATENT_SCALE = 8  # pixels per latent cell (the SD VAE's downsampling)
 TRAINING_MODES = ("temporal", "full", "image")
 NUM_TRAIN_TIMESTEPS = 1000
-OBJECTIVES = ("eps", "v", "flow")  # noise, velocity (v) prediction on the DDPM schedule; rectified flow
 
 
 @dataclass(frozen=True)

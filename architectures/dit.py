@@ -12,9 +12,10 @@ from torch import nn
 from torch.profiler import record_function
 
 from .attention import ATTENTION_KINDS, CrossAttention, TemporalAttention, make_self_attention
-from .attention.dsv_stages import SPARSE_BACKENDS, DSVSettings, DSVStages
+from .attention.dsv_stages import DSVSettings, DSVStages
 from .base import LATENT_SCALE, VideoModel
 from .registry import Architecture, register
+from .spec import CONTEXT_PARALLEL_MODES
 
 
 @dataclass(frozen=True)
@@ -234,4 +235,4 @@ for _name, (_kind, _description) in ARCHS.items():
     register(Architecture(name=_name, family="dit", config_cls=DiTConfig,
                           presets={p: _preset(_kind, s) for p, s in PRESETS.items()}, build=VideoDiT,
                           description=_description, check_shape=check_shape, tokens=DiTConfig.tokens,
-                          context_parallel=("ulysses", "ring")))
+                          context_parallel=CONTEXT_PARALLEL_MODES))

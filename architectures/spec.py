@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from .base import TRAINING_MODES, VideoModel
 
+CONTEXT_PARALLEL_MODES = ("ulysses", "ring")  # head-wise, sequence-wise (stbench.parallel runs them)
+
 
 @dataclass(frozen=True)
 class Architecture:

@@ -17,15 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from .attention.dsv_stages import DSVSettings, DSVStages
 from .attention.processors import ATTENTION_CHOICES, SwappedAttnProcessor, install_attention, wrap_processors
 from .base import VideoModel
 from .registry import Architecture, register
+from .spec import CONTEXT_PARALLEL_MODES
 
 VIDEO_TRANSFORMER_MODES = ("full",)  # one 3D attention per block: no temporal part to train alone
-CONTEXT_PARALLEL_MODES = ("ulysses", "ring")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 
 import architectures
 from architectures import LATENT_SCALE, TRAINING_MODES
+from architectures.spec import CONTEXT_PARALLEL_MODES
 
 from . import results
 from .errors import UserError
@@ -20,7 +21,7 @@ from .overrides import parse_override_value
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = tuple(TORCH_DTYPES)
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
-CONTEXT_PARALLEL = ("ulysses", "ring")
+CONTEXT_PARALLEL = CONTEXT_PARALLEL_MODES
 ACTIVATION_CHECKPOINTING = ("none", "blocks", "spatial")
 
 

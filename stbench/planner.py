@@ -21,10 +21,9 @@ from pathlib import Path
 import architectures
 
 from . import results, runfolder
-from .config import CONTEXT_PARALLEL, DTYPES, Case, json_settings, parse_set_options
+from .config import ACTIVATION_CHECKPOINTING, CONTEXT_PARALLEL, DTYPES, Case, json_settings, parse_set_options
 from .errors import UserError
 from .overrides import comma_list
-from .parallel.fsdp import ACTIVATION_CHECKPOINTING
 from .predict import hardware as hw
 from .predict.command import Predictor
 from .runner import fsdp_settings

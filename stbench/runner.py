@@ -21,7 +21,7 @@ import torch
 import architectures
 
 from . import results, runfolder
-from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
+from .config import ACTIVATION_CHECKPOINTING, CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
 from .overrides import comma_list
 from .measure import env, memory, sequence, timing
@@ -281,7 +281,7 @@ def add_parallel_arguments(parser: argparse.ArgumentParser, launched: str = "und
     parser.add_argument("--fsdp", type=int, default=None, metavar="N",
                         help=f"{launched}: FSDP2 (fully_shard per block) with N data-parallel ranks; with "
                              "--context-parallel, N x CP = world size on one 2D device mesh")
-    parser.add_argument("--activation-checkpointing", choices=("none", "blocks", "spatial"), default=None,
+    parser.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default=None,
                         help="with --fsdp: recompute the activations of every block, or of the spatial layers")
     parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
                         help="with --fsdp: free gathered parameters after forward, gather again in backward "

@@ -140,7 +140,7 @@ class DSVAttention(SelfAttention):
         self.register_buffer("profile_updates", torch.zeros((), dtype=torch.long))
         self.sparse_active = False  # stage 2; the model sets it from its step counter
         self.profile_now = True  # train the estimator (and profile) in this training forward; the model sets it
-        self.estimator_loss: torch.Tensor | None = None  # reaches only the estimator; stepped by step_estimator
+        self.estimator_loss: torch.Tensor | None = None  # reaches only the estimator; stepped by DSVStages
         self.last_estimator_loss: torch.Tensor | None = None  # detached value of the last stepped loss
         self.last_sparse_heads: torch.Tensor | None = None  # (H,) bool of the last forward
         self.capture_stats = False  # set by the model's dsv_stats(): keep this forward's q, k, v in _last
@@ -247,11 +247,6 @@ class DSVAttention(SelfAttention):
             group["lr"] = self.estimator_lr * lr_scale
         opt.step()
         self.q_estimator.grad = self.k_estimator.grad = None
-
-    def step_estimator(self, lr_scale: float = 1.0) -> None:
-        """Gradients from the pending estimator loss, then one step of the estimator's optimizer."""
-        if self.estimator_gradients():
-            self.apply_estimator_step(lr_scale)
 
     # --- attention ---
     def core(self, q, k, v, head_offset: int = 0):

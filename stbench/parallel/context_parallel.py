@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from architectures.attention.dsv import DSVAttention, n_blocks
+from architectures.spec import CONTEXT_PARALLEL_MODES
 
-CONTEXT_PARALLEL_MODES = ("ulysses", "ring")
 
 
 # --- byte accounting ---------------------------------------------------------------------------------------

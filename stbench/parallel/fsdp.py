@@ -19,9 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-ACTIVATION_CHECKPOINTING = ("none", "blocks", "spatial")
-COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_to_all", "point_to_point", "all_reduce", "broadcast")
-MIXED_PRECISION = "bf16 params, fp32 reduce"
+from ..config import ACTIVATION_CHECKPOINTING
 
 
 @dataclass(frozen=True)
@@ -248,7 +246,3 @@ class CollectiveCounter(TorchDispatchMode):
     @property
     def bytes_by_kind(self) -> dict[str, int]:
         return bytes_by_kind(self.by_group)
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes_by_kind.values())
