@@ -80,7 +80,7 @@ def _record(backend, args, device, dtype, N, sparsity, env_info):
                  "block_size": str(args.block_size)}
     if sparsity is not None:
         overrides["sparsity"] = str(sparsity)
-    record = results.new_record(dict(arch=f"attention-{backend}", preset="attention", overrides=overrides,
+    record = results.new_record(dict(arch=f"attention-{backend}", preset=results.ATTENTION_PRESET, overrides=overrides,
                                      mode="fwd+bwd", batch=args.batch, frames=None, resolution=None,
                                      dtype=dtype, device=device, compile=False))
     record["env"], record["warmup"] = env_info, args.warmup

@@ -25,7 +25,7 @@ def merge_ranks(record: dict, everyone: list[dict], world: int) -> dict:
         record[name] = _max_or_none(everyone, name)
     flop_counts = [r["flops_per_step"] for r in everyone]
     record["flops_per_step"] = sum(flop_counts) if None not in flop_counts else None
-    peak = flops.device_peak_tflops(record["device"] if record["device"] != "cuda" else "cuda", record["dtype"])
+    peak = flops.device_peak_tflops(record["device"], record["dtype"])
     record["tflops"], record["mfu"] = flops.throughput(record["flops_per_step"], record["step_ms_median"],
                                                       peak * world if peak else None)
     record["comm_bytes"] = max(r["comm_bytes"] for r in everyone)  # median step of the busiest rank
