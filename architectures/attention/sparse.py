@@ -227,10 +227,10 @@ def gather_attention(q, k, v, flat, mask, scale: float, recompute: bool = False)
 class _GatherAttention(torch.autograd.Function):
     """Softmax attention of query-block chunks on their gathered key/value blocks, as batched matmuls.
 
-    Forward keeps, per chunk, the unnormalised probabilities E = exp(S - rowmax) (S = scale * Q K^T on the
-    gathered keys) and 1/rowsum; backward then needs four matmuls (dV, dP, dQ, dK) instead of a flash
-    kernel's five, and no exponential. `recompute` keeps only the inputs and the log-sum-exp and recomputes
-    E in backward (five matmuls, as flash does).
+    Forward keeps, per chunk, the probabilities P (one fused softmax over the scores S = scale * Q K^T on the
+    gathered keys); backward then needs four matmuls (dV, dP, dQ, dK) instead of a flash kernel's five, and
+    no exponential. `recompute` keeps only the inputs and the log-sum-exp and recomputes P in backward (five
+    matmuls, as flash does).
     """
 
     # Why not SDPA per chunk: on CPU its flash kernel splits a 64-query problem into 32-row tiles (slow GEMMs),
@@ -238,7 +238,10 @@ class _GatherAttention(torch.autograd.Function):
     # (CPU_CHUNK_ELEMENTS per thread) are meant to stay in cache; at one thread 2^17 to 2^20 measured alike at
     # 4096 tokens, so the choice is not critical. Every per-chunk buffer is one workspace reused by all chunks
     # of a call: a fresh large buffer per chunk costs page faults. Keys and values are gathered again in
-    # backward: an index_select into a workspace costs little next to the matmuls.
+    # backward: an index_select into a workspace costs little next to the matmuls. dK and dV are computed
+    # transposed (Q^T dS, dO^T P: a small left operand, the long score rows streamed as the right one):
+    # CPU BLAS runs dS^T Q, whose left operand is a transposed (L x 64) score block, about 20% slower at
+    # 1024-2048 gathered keys.
 
     @staticmethod
     def _workspace(k, v, flat, step, bq, work):  # buffers for the gathered blocks and one chunk's scores
@@ -259,32 +262,29 @@ class _GatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, flat, mask, scale, step, recompute):  # (rows, bq, D), (pieces, bk, D) x2
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         rows, bq, _ = q.shape
-        keep = not recompute and any(ctx.needs_input_grad[:3])  # E for backward (not under no_grad)
+        keep = not recompute and any(ctx.needs_input_grad[:3])  # P for backward (not under no_grad)
         qs, kw, vw = q.to(work) * scale, k.to(work), v.to(work)  # the scale folded into the smaller operand
         hidden = None if mask is None else mask.logical_not()  # (rows, 1, L)
         out = torch.empty(rows, bq, v.shape[-1], dtype=work, device=q.device)
-        shift = torch.empty(rows, bq, 1, dtype=work, device=q.device)  # log-sum-exp, or 1/rowsum (no recompute)
+        lse = torch.empty(rows, bq, 1, dtype=work, device=q.device) if recompute else None
         kbuf, vbuf, sbuf = _GatherAttention._workspace(kw, vw, flat, step, bq, work)
         probs = []
         for r in range(0, rows, step):
             n = min(step, rows - r)
             _, kb, vb = _GatherAttention._gather(kw, vw, flat, r, n, kbuf, vbuf)
-            e = torch.empty_like(sbuf[:n]) if keep else sbuf[:n]  # (n, bq, L)
-            torch.bmm(qs[r:r + n], kb.transpose(1, 2), out=e)  # scores
+            p = torch.empty_like(sbuf[:n]) if keep else sbuf[:n]  # (n, bq, L)
+            torch.bmm(qs[r:r + n], kb.transpose(1, 2), out=p)  # scores
             if hidden is not None:
-                e.masked_fill_(hidden[r:r + n], float("-inf"))
-            peak = e.amax(-1, keepdim=True)  # (n, bq, 1)
-            total = e.sub_(peak).exp_().sum(-1, keepdim=True)
-            torch.bmm(e, vb, out=out[r:r + n]).div_(total)  # (n, bq, Dv)
+                p.masked_fill_(hidden[r:r + n], float("-inf"))
             if recompute:
-                torch.add(peak, total.log_(), out=shift[r:r + n])
-            else:
-                torch.reciprocal(total, out=shift[r:r + n])
+                torch.logsumexp(p, -1, keepdim=True, out=lse[r:r + n])
+            torch.ops.aten._softmax.out(p, -1, False, out=p)  # in place: one fused max, exp, sum, scale
+            torch.bmm(p, vb, out=out[r:r + n])  # (n, bq, Dv)
             if keep:
-                probs.append(e)
+                probs.append(p)
         out = out.to(q.dtype)
-        # through autograd's hooks: saved-activation counts see every saved tensor (E included)
-        ctx.save_for_backward(q, k, v, flat, out, shift, *probs)
+        # through autograd's hooks: saved-activation counts see every saved tensor (P included)
+        ctx.save_for_backward(q, k, v, flat, out, *([lse] if recompute else probs))
         ctx.args = (mask, scale, step, recompute, work)
         return out  # (rows, bq, Dv)
 
@@ -292,35 +292,41 @@ class _GatherAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # (rows, bq, Dv)
         mask, scale, step, recompute, work = ctx.args
-        q, k, v, flat, out, shift, *probs = ctx.saved_tensors
+        q, k, v, flat, out, *saved = ctx.saved_tensors
         rows, bq, _ = q.shape
         qs, kw, vw = q.to(work) * scale, k.to(work), v.to(work)
         hidden = None if mask is None else mask.logical_not()
         g = grad.to(work)
         delta = (g * out.to(work)).sum(-1, keepdim=True)  # (rows, bq, 1): rowsum(P * dP) = dO . O
-        if not recompute:  # P = E / rowsum: fold 1/rowsum into dO and delta, whose rows it scales
-            g, delta = g * shift, delta * shift
         dq = torch.empty_like(qs)
-        # a key/value block collects one gradient per query block that selected it (bf16/fp16: summed in fp32)
-        dk, dv = torch.zeros_like(kw), torch.zeros_like(vw)
+        # transposed (D, pieces, bk): a key/value block collects one gradient per query block that selected
+        # it (bf16/fp16: summed in fp32)
+        dkt = torch.zeros(kw.shape[-1], kw.shape[0], kw.shape[1], dtype=work, device=q.device)
+        dvt = torch.zeros(vw.shape[-1], vw.shape[0], vw.shape[1], dtype=work, device=q.device)
         kbuf, vbuf, sbuf = _GatherAttention._workspace(kw, vw, flat, step, bq, work)
-        ebuf = torch.empty_like(sbuf) if recompute else None
-        dkbuf, dvbuf = torch.empty_like(kbuf), torch.empty_like(vbuf)  # per-block dK, dV of a chunk
+        pbuf = torch.empty_like(sbuf) if recompute else None
+        tbuf = torch.empty(max(dkt.shape[0], dvt.shape[0]) * sbuf.numel() // bq, dtype=work, device=q.device)
         for i, r in enumerate(range(0, rows, step)):
             n = min(step, rows - r)
             idx, kb, vb = _GatherAttention._gather(kw, vw, flat, r, n, kbuf, vbuf)
-            if recompute:  # E = exp(S - lse) = P
-                e = torch.baddbmm(shift[r:r + n].neg(), qs[r:r + n], kb.transpose(1, 2), out=ebuf[:n])
+            L = kb.shape[1]
+            if recompute:  # P = exp(S - lse)
+                p = torch.baddbmm(saved[0][r:r + n].neg(), qs[r:r + n], kb.transpose(1, 2), out=pbuf[:n])
                 if hidden is not None:
-                    e.masked_fill_(hidden[r:r + n], float("-inf"))
-                e.exp_()
+                    p.masked_fill_(hidden[r:r + n], float("-inf"))
+                p.exp_()
             else:
-                e = probs[i]
-            gr, blocks = g[r:r + n], idx.shape[0]
-            torch.bmm(e.transpose(1, 2), gr, out=dvbuf[:blocks].view(n, -1, v.shape[-1]))  # (n, L, Dv)
-            dv.index_add_(0, idx, dvbuf[:blocks])
-            ds = torch.bmm(gr, vb.transpose(1, 2), out=sbuf[:n]).sub_(delta[r:r + n]).mul_(e)  # (n, bq, L): dS
+                p = saved[i]
+            gr = g[r:r + n]
+            t = tbuf[:dvt.shape[0] * n * L].view(dvt.shape[0], n, L)  # (Dv, n, L)
+            torch.bmm(gr.transpose(1, 2), p, out=t.transpose(0, 1))  # dV^T per block
+            dvt.index_add_(1, idx, t.view(dvt.shape[0], -1, dvt.shape[2]))
+            ds = torch.bmm(gr, vb.transpose(1, 2), out=sbuf[:n]).sub_(delta[r:r + n]).mul_(p)  # (n, bq, L): dS
             torch.bmm(ds, kb, out=dq[r:r + n])  # (n, bq, Dk)
-            torch.bmm(ds.transpose(1, 2), qs[r:r + n], out=dkbuf[:blocks].view(n, -1, k.shape[-1]))
-            dk.index_add_(0, idx, dkbuf[:blocks])
-        return dq.mul_(scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+            t = tbuf[:dkt.shape[0] * n * L].view(dkt.shape[0], n, L)  # (Dk, n, L)
+            torch.bmm(qs[r:r + n].transpose(1, 2), ds, out=t.transpose(0, 1))  # dK^T per block
+            dkt.index_add_(1, idx, t.view(dkt.shape[0], -1, dkt.shape[2]))
+        # (D, pieces, bk) -> (pieces, bk, D) in two cache-friendly copies (one permuting copy is 3x slower)
+        dk, dv = (t.transpose(0, 1).contiguous().transpose(1, 2).to(x.dtype, memory_format=torch.contiguous_format)
+                  for t, x in ((dkt, k), (dvt, v)))
+        return dq.mul_(scale).to(q.dtype), dk, dv, None, None, None, None, None
