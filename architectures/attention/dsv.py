@@ -283,9 +283,10 @@ class DSVAttention(SelfAttention):
         if not every:  # an index tensor per head set, cached: building one from a list would copy every step
             key = ("sel", tuple(sel), str(q.device))
             if key not in self._orders:
-                self._orders[key] = (torch.tensor(sel, device=q.device),
-                                     torch.tensor([h for h in range(H) if h not in sel], device=q.device))
-            idx, rest = self._orders[key]
+                idx = torch.tensor(sel, device=q.device)
+                rest = torch.tensor([h for h in range(H) if h not in sel], device=q.device)
+                self._orders[key] = (idx, rest, torch.argsort(torch.cat([idx, rest])))
+            idx, rest, back = self._orders[key]
             qs, ks, vs, q_est, k_est = (t.index_select(1, idx) for t in (q, k, v, q_est, k_est))
         else:
             qs, ks, vs = q, k, v
@@ -317,7 +318,7 @@ class DSVAttention(SelfAttention):
             return out_s
         out = torch.cat([out_s, dense_attention(q.index_select(1, rest), k.index_select(1, rest),
                                                 v.index_select(1, rest))], 1)
-        return out.index_select(1, torch.argsort(torch.cat([idx, rest])))  # back to head order
+        return out.index_select(1, back)  # back to head order
 
     @torch.compiler.disable  # eager, so its graph stays apart from a compiled model's (stepped on its own)
     def train_estimator(self, q, k, q_est, k_est, heads: slice, profile: bool):

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +84,12 @@ def make_dsv_attention(dim: int, heads: int, head_dim: int, cfg: DSVSettings) ->
         estimator_samples=cfg.estimator_samples, backend=cfg.sparse_backend, recompute=cfg.sparse_recompute,
         query_groups=cfg.query_groups, key_selection=cfg.key_selection, estimator_lr=cfg.estimator_lr,
         norm_weight=cfg.estimator_norm_weight,
-        cost_table=CostTable.from_file(cfg.cost_table) if cfg.cost_table else None)
+        cost_table=_cost_table(cfg.cost_table, Path(cfg.cost_table).stat().st_mtime_ns) if cfg.cost_table else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _cost_table(path: str, mtime_ns: int) -> CostTable:  # read once per model, not per layer; re-read if rewritten
+    return CostTable.from_file(path)
 
 
 class DSVStages:
