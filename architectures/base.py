@@ -91,8 +91,9 @@ class VideoModel(nn.Module):
         return units
 
     # --- shared behaviour ----------------------------------------------------------------------
-    def latent_frames(self, frames: int) -> int:
-        t = self.temporal_compression
+    @classmethod
+    def latent_frames(cls, frames: int) -> int:  # a causal VAE keeps the first frame and compresses the rest
+        t = cls.temporal_compression
         return frames if t == 1 else 1 + (frames - 1) // t
 
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:

@@ -56,7 +56,7 @@ def check_latent_shape(model_cls, config, frames: int, height: int, width: int, 
     if t > 1 and (frames < 1 or (frames - 1) % t):
         raise ValueError(f"frames must be 1 + a multiple of {t} (the VAE compresses time {t}x; e.g. "
                          f"{', '.join(str(1 + t * k) for k in (1, 2, 4, 8))}), got {frames}")
-    latent_frames = frames if t == 1 else 1 + (frames - 1) // t
+    latent_frames = model_cls.latent_frames(frames)
     if latent_frames % patch[0]:
         raise ValueError(f"latent frames ({latent_frames}) must be a multiple of the temporal patch {patch[0]}")
     for name, size, p in (("height", height, patch[1]), ("width", width, patch[2])):
@@ -166,9 +166,8 @@ def video_grid(grid):  # the grid a full 3D self-attention sees: every video tok
 
 def video_tokens(model_cls, frames: int, height: int, width: int) -> int:
     """Video tokens of a pixel shape: latent frames and spatial size over the patch (what self-attention sees)."""
-    t, s, (pt, ph, pw) = model_cls.temporal_compression, model_cls.spatial_compression, model_cls.patch
-    latent_frames = frames if t == 1 else 1 + (frames - 1) // t
-    return (latent_frames // pt) * (height // s // ph) * (width // s // pw)
+    s, (pt, ph, pw) = model_cls.spatial_compression, model_cls.patch
+    return (model_cls.latent_frames(frames) // pt) * (height // s // ph) * (width // s // pw)
 
 
 def register_video_transformer(name: str, config_cls, presets: dict[str, dict], build, description: str,

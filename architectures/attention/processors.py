@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .dsv import DSVAttention
 from .dsv_stages import make_dsv_attention
 from .full import dense_attention
-from .window import fit_window, window_merge, window_partition
+from .window import window_attention
 
 ATTENTION_CHOICES = ("full", "window", "dsv")
 TEXT_POSITIONS = ("none", "first", "last")
@@ -64,17 +64,11 @@ def make_dsv_core(heads: int, head_dim: int, cfg) -> DSVAttention:
 
 def window_with_text(q, k, v, grid, window, text: str, n_text: int):  # (B, H, N, D) x3 -> (B, H, N, D)
     """3D window attention over the video tokens; text keys are visible to every window, text queries see all."""
-    B, H, N, D = q.shape
+    N = q.shape[2]
     video = slice(n_text, N) if text == "first" else slice(0, N - n_text)
     texts = slice(0, n_text) if text == "first" else slice(N - n_text, N)
-    win = fit_window(grid, window)
-    qw, kw, vw = (window_partition(t[:, :, video], grid, win) for t in (q, k, v))  # (B, H*nW, Lw, D)
-    if n_text:
-        n_windows = qw.shape[1] // H
-        kt, vt = (t[:, :, texts].unsqueeze(2).expand(B, H, n_windows, n_text, D).reshape(B, H * n_windows, n_text, D)
-                  for t in (k, v))
-        kw, vw = torch.cat([kw, kt], 2), torch.cat([vw, vt], 2)  # (B, H*nW, Lw + L, D)
-    out = window_merge(dense_attention(qw, kw, vw), H, grid, win)  # (B, H, Nv, D)
+    shared = (k[:, :, texts], v[:, :, texts]) if n_text else None
+    out = window_attention(q[:, :, video], k[:, :, video], v[:, :, video], grid, window, shared)  # (B, H, Nv, D)
     if not n_text:
         return out
     out_text = dense_attention(q[:, :, texts], k, v)  # (B, H, L, D)

@@ -45,6 +45,19 @@ def window_ids(grid, window, device=None):  # -> (N,) id of the window each toke
     return ids.reshape(-1)
 
 
+def window_attention(q, k, v, grid, window, shared_kv=None):  # (B, H, N, D) x3 -> (B, H, N, D)
+    """Dense attention within each 3D window of the (frames, rows, cols) token grid, shrunk to tile it;
+    shared_kv: optional (k, v) (B, H, L, D) that every window also attends to (e.g. text tokens)."""
+    B, H, _, D = q.shape
+    win = fit_window(grid, window)
+    qw, kw, vw = (window_partition(t, grid, win) for t in (q, k, v))  # (B, H*nW, Lw, D)
+    if shared_kv is not None:
+        n_windows, L = qw.shape[1] // H, shared_kv[0].shape[2]
+        ks, vs = (t.unsqueeze(2).expand(B, H, n_windows, L, D).reshape(B, H * n_windows, L, D) for t in shared_kv)
+        kw, vw = torch.cat([kw, ks], 2), torch.cat([vw, vs], 2)  # (B, H*nW, Lw + L, D)
+    return window_merge(dense_attention(qw, kw, vw), H, grid, win)
+
+
 class WindowAttention(SelfAttention):
     """Self-attention restricted to 3D windows of `window` = (frames, rows, cols) tokens."""
 
@@ -53,10 +66,7 @@ class WindowAttention(SelfAttention):
         self.window = tuple(window)
 
     def core(self, q, k, v, head_offset: int = 0):
-        window = fit_window(self.grid, self.window)
-        parts = [window_partition(t, self.grid, window) for t in (q, k, v)]  # (B, H*nW, L, D)
-        out = dense_attention(*parts)
-        return window_merge(out, q.shape[1], self.grid, window)
+        return window_attention(q, k, v, self.grid, self.window)
 
     def reference_mask(self, grid, device=None):
         ids = window_ids(grid, fit_window(grid, self.window), device)
