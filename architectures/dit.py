@@ -154,7 +154,7 @@ class VideoDiT(DSVStages, VideoModel):
         return self.config.text_dim
 
     def group_of(self, parameter_name: str) -> str:
-        if parameter_name.endswith(("q_estimator", "k_estimator")):
+        if self.is_estimator(parameter_name):
             return "estimator"
         if ".temporal" in parameter_name:  # temporal_attn / temporal_norm (serial), attn.temporal (parallel)
             return "temporal"

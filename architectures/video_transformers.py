@@ -144,7 +144,7 @@ class DiffusersVideoModel(DSVStages, VideoModel):
         return self.config.text_tokens
 
     def group_of(self, parameter_name: str) -> str:
-        if parameter_name.endswith(("q_estimator", "k_estimator")):
+        if self.is_estimator(parameter_name):
             return "estimator"
         if parameter_name.startswith(tuple(f"transformer.{p}" for p in self.temporal_prefixes)):
             return "temporal"

@@ -98,6 +98,10 @@ class DSVStages:
     # The model calls `init_dsv()` at the end of __init__ and `_begin_forward(...)` first in forward (when it has
     # DSV layers); `loss` steps the estimators after the model's loss. `self.config` holds DSVSettings fields.
 
+    @staticmethod
+    def is_estimator(parameter_name: str) -> bool:  # DSV's low-rank projections: a group of their own
+        return parameter_name.endswith(("q_estimator", "k_estimator"))
+
     def init_dsv(self) -> None:
         self._dsv = [m for m in self.modules() if isinstance(m, DSVAttention)]  # a plain list: not registered
         self.steps_done = 0  # training steps taken (loss() calls with grad); the stage follows it
