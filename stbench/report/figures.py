@@ -62,7 +62,7 @@ def arch_colors(archs) -> dict[str, str]:
 
 def groups(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Records split by the settings a figure holds fixed (preset, mode, dtype, device), biggest first."""
-    from .recommend import family_of
+    from .verdict import family_of
 
     by_group = defaultdict(list)
     for r in records:  # UNets and DiTs differ by decades: never on one axis

@@ -10,23 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import architectures
 
 from .. import stats
 from ..measure import load
-from .verdict import config_label, forced_sparsity, match_key
+from .verdict import config_label, family_of, forced_sparsity, match_key
 
 QUALITY_TOLERANCE = 0.05  # final losses within 5% of the best count as equal quality
 OVERHEAD_EXPONENT = 0.25  # time grows slower than FLOPs**0.25 across the grid: overhead dominates
 OVERHEAD_LABEL = "overhead bound: architecture differences are not visible at this size"
 STEPS = 1000
-
-
-def family_of(arch: str) -> str:
-    try:
-        return architectures.get(arch).family
-    except Exception:  # noqa: BLE001 - a record of an architecture this install does not know
-        return "other"
 
 
 def final_loss(record: dict) -> float | None:

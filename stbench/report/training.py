@@ -9,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 from .figures import Figure, _styled, arch_colors, plt, to_data_uri
+from .verdict import family_of
 
 REFERENCES = ("serial-unet", "dit-full")  # the point of reference of each family, when present
 TARGET_FRACTION = 0.9  # target: the reference's start loss minus this fraction of its held-out improvement
@@ -48,8 +49,7 @@ def trained(records: list[dict]) -> list[dict]:
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
     groups = defaultdict(list)
     for r in records:
-        family = "unet" if "unet" in r["arch"] else "dit"
-        groups[(family,) + tuple(r.get(f) for f in GROUP_FIELDS)].append(r)
+        groups[(family_of(r["arch"]),) + tuple(r.get(f) for f in GROUP_FIELDS)].append(r)
     return groups
 
 

@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import architectures
+
 from .. import results, stats
 from ..measure import load
-
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ COMPARISONS = (
                ("dit-dsv", "dit-window", "dit-serial-st", "dit-parallel-st"), (),
                "How much do sparse or factorised attention patterns save over full 3D attention?"),
 )
+
+
+def family_of(arch: str) -> str:
+    """The registry family of a record's architecture ('other' for one this install does not know)."""
+    try:
+        return architectures.get(arch).family
+    except Exception:  # noqa: BLE001 - a record of an architecture this install does not know
+        return "other"
 
 
 def match_key(record: dict) -> tuple:
