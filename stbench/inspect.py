@@ -21,6 +21,7 @@ import architectures
 
 from .config import DTYPES, TORCH_DTYPES, Case, parse_set_options
 from .errors import UserError
+from .overrides import comma_list
 from .measure.activations import SavedTensorCounter
 
 GROUPS = ("spatial", "temporal", "estimator")
@@ -162,7 +163,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def execute(args) -> int:
-    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    archs = list(comma_list(args.arch, "arch", str))
     if not archs:
         raise UserError("--arch: needs at least one architecture")
     device = args.device

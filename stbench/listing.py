@@ -7,6 +7,7 @@ import torch
 import architectures
 
 from .errors import UserError
+from .overrides import comma_list
 
 
 def add_arguments(parser):
@@ -50,7 +51,7 @@ def format_listing(rows: list[dict]) -> str:
 
 def execute(args) -> int:
     names = architectures.names()
-    wanted = [a.strip() for a in args.arch.split(",") if a.strip()] if args.arch else names
+    wanted = list(comma_list(args.arch, "arch", str)) if args.arch else names
     for arch in wanted:
         try:
             architectures.get(arch)

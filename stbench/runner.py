@@ -297,7 +297,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
         raise UserError(f"device: {device!r} does not exist; legal: cuda:0..cuda:{torch.cuda.device_count() - 1}")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    archs = tuple(a.strip() for a in args.arch.split(",") if a.strip())
+    archs = comma_list(args.arch, "arch", str)
     return Sweep(archs=archs, resolutions=comma_list(args.resolution, "resolution"),
                  frames=comma_list(args.frames, "frames"), batches=comma_list(args.batch, "batch"),
                  preset=args.preset, mode=args.mode, dtype=dtype, device=device, compile=args.compile,

@@ -122,8 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
-    names = tuple(h.strip() for h in args.hardware.split(",") if h.strip())
-    sweep = PredictSweep(archs=tuple(a.strip() for a in args.arch.split(",") if a.strip()), hardware=names,
+    names = comma_list(args.hardware, "hardware", str)
+    sweep = PredictSweep(archs=comma_list(args.arch, "arch", str), hardware=names,
                          resolutions=comma_list(args.resolution, "resolution"), frames=comma_list(args.frames, "frames"),
                          batches=comma_list(args.batch, "batch"), preset=args.preset, mode=args.mode, dtype=args.dtype,
                          overrides=parse_set_options(args.set), frontier=args.frontier,
