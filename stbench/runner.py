@@ -45,11 +45,7 @@ def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path |
 
     `time_steps(step, repeats, device) -> StepTimes` runs the measured steps (the suites pass pytest-benchmark's).
     """
-    record = results.new_record(case.identity())
-    try:
-        record["env"] = env.collect_env(case.device)
-    except Exception:  # noqa: BLE001 - e.g. no such CUDA device: the case itself reports the error
-        record["env"] = env.collect_env("cpu")
+    record = case_record(case)
     if case.compile or (case.device.startswith("cuda") and torch.backends.cudnn.benchmark):
         warmup = max(warmup, COMPILE_WARMUP)
     record["warmup"] = warmup
@@ -57,6 +53,16 @@ def run_case(case: Case, *, repeats: int = 5, warmup: int = 2, trace_dir: Path |
         record["warnings"].append(f"warm-up of {warmup} step(s): first steps pay allocation and autotuning")
     return run_guarded(case, record, lambda: sequence.measure_case(
         case, record, repeats=repeats, warmup=warmup, time_steps=time_steps, trace_dir=trace_dir))
+
+
+def case_record(case: Case) -> dict:
+    """A fresh record of the case's identity and environment (the case's device, else the host's)."""
+    record = results.new_record(case.identity())
+    try:
+        record["env"] = env.collect_env(case.device)
+    except Exception:  # noqa: BLE001 - e.g. no such CUDA device: the case itself reports the error
+        record["env"] = env.collect_env("cpu")
+    return record
 
 
 def run_guarded(case: Case, record: dict, measure) -> dict:

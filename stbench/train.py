@@ -97,11 +97,7 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
 def train_case(case: Case, *, steps: int, eval_every: int, seed: int = 0, lr: float = 1e-3, heldout: int = 16,
                save: str | None = None, command: str | None = None) -> dict:
     """Train one case; a complete record, never an exception for OOM or a model error."""
-    record = results.new_record(case.identity())
-    try:
-        record["env"] = env.collect_env(case.device)
-    except Exception:  # noqa: BLE001 - e.g. no such CUDA device: the case itself reports the error
-        record["env"] = env.collect_env("cpu")
+    record = runner.case_record(case)
     return runner.run_guarded(case, record, lambda: _train(
         case, record, steps=steps, eval_every=eval_every, seed=seed, lr=lr, heldout=heldout, save=save,
         command=command))
