@@ -238,10 +238,7 @@ class _GatherAttention(torch.autograd.Function):
     # (CPU_CHUNK_ELEMENTS per thread) are meant to stay in cache; at one thread 2^17 to 2^20 measured alike at
     # 4096 tokens, so the choice is not critical. Every per-chunk buffer is one workspace reused by all chunks
     # of a call: a fresh large buffer per chunk costs page faults. Keys and values are gathered again in
-    # backward: an index_select into a workspace costs little next to the matmuls. dK and dV are computed
-    # transposed (Q^T dS, dO^T P: a small left operand, the long score rows streamed as the right one):
-    # CPU BLAS runs dS^T Q, whose left operand is a transposed (L x 64) score block, about 20% slower at
-    # 1024-2048 gathered keys.
+    # backward: an index_select into a workspace costs little next to the matmuls.
 
     @staticmethod
     def _workspace(k, v, flat, step, bq, work):  # buffers for the gathered blocks and one chunk's scores
@@ -299,17 +296,14 @@ class _GatherAttention(torch.autograd.Function):
         g = grad.to(work)
         delta = (g * out.to(work)).sum(-1, keepdim=True)  # (rows, bq, 1): rowsum(P * dP) = dO . O
         dq = torch.empty_like(qs)
-        # transposed (D, pieces, bk): a key/value block collects one gradient per query block that selected
-        # it (bf16/fp16: summed in fp32)
-        dkt = torch.zeros(kw.shape[-1], kw.shape[0], kw.shape[1], dtype=work, device=q.device)
-        dvt = torch.zeros(vw.shape[-1], vw.shape[0], vw.shape[1], dtype=work, device=q.device)
+        # a key/value block collects one gradient per query block that selected it (bf16/fp16: summed in fp32)
+        dk, dv = torch.zeros_like(kw), torch.zeros_like(vw)
         kbuf, vbuf, sbuf = _GatherAttention._workspace(kw, vw, flat, step, bq, work)
         pbuf = torch.empty_like(sbuf) if recompute else None
-        tbuf = torch.empty(max(dkt.shape[0], dvt.shape[0]) * sbuf.numel() // bq, dtype=work, device=q.device)
+        dkbuf, dvbuf = torch.empty_like(kbuf), torch.empty_like(vbuf)  # per-block dK, dV of a chunk
         for i, r in enumerate(range(0, rows, step)):
             n = min(step, rows - r)
             idx, kb, vb = _GatherAttention._gather(kw, vw, flat, r, n, kbuf, vbuf)
-            L = kb.shape[1]
             if recompute:  # P = exp(S - lse)
                 p = torch.baddbmm(saved[0][r:r + n].neg(), qs[r:r + n], kb.transpose(1, 2), out=pbuf[:n])
                 if hidden is not None:
@@ -317,16 +311,11 @@ class _GatherAttention(torch.autograd.Function):
                 p.exp_()
             else:
                 p = saved[i]
-            gr = g[r:r + n]
-            t = tbuf[:dvt.shape[0] * n * L].view(dvt.shape[0], n, L)  # (Dv, n, L)
-            torch.bmm(gr.transpose(1, 2), p, out=t.transpose(0, 1))  # dV^T per block
-            dvt.index_add_(1, idx, t.view(dvt.shape[0], -1, dvt.shape[2]))
+            gr, blocks = g[r:r + n], idx.shape[0]
+            torch.bmm(p.transpose(1, 2), gr, out=dvbuf[:blocks].view(n, -1, v.shape[-1]))  # (n, L, Dv)
+            dv.index_add_(0, idx, dvbuf[:blocks])
             ds = torch.bmm(gr, vb.transpose(1, 2), out=sbuf[:n]).sub_(delta[r:r + n]).mul_(p)  # (n, bq, L): dS
             torch.bmm(ds, kb, out=dq[r:r + n])  # (n, bq, Dk)
-            t = tbuf[:dkt.shape[0] * n * L].view(dkt.shape[0], n, L)  # (Dk, n, L)
-            torch.bmm(qs[r:r + n].transpose(1, 2), ds, out=t.transpose(0, 1))  # dK^T per block
-            dkt.index_add_(1, idx, t.view(dkt.shape[0], -1, dkt.shape[2]))
-        # (D, pieces, bk) -> (pieces, bk, D) in two cache-friendly copies (one permuting copy is 3x slower)
-        dk, dv = (t.transpose(0, 1).contiguous().transpose(1, 2).to(x.dtype, memory_format=torch.contiguous_format)
-                  for t, x in ((dkt, k), (dvt, v)))
-        return dq.mul_(scale).to(q.dtype), dk, dv, None, None, None, None, None
+            torch.bmm(ds.transpose(1, 2), qs[r:r + n], out=dkbuf[:blocks].view(n, -1, k.shape[-1]))
+            dk.index_add_(0, idx, dkbuf[:blocks])
+        return dq.mul_(scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
