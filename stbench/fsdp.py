@@ -84,9 +84,9 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
     step = sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare,
                                  after_warmup=after_warmup, settle=False)  # ranks must run the same steps
     # this rank's shards (padding included), not the global sizes the DTensors report
-    record["param_bytes"] = fsdp_lib.local_bytes(step.model.parameters())
-    record["grad_bytes"] = fsdp_lib.local_bytes(step.trainable)
-    record["optimizer_bytes"] = fsdp_lib.local_bytes(
+    record["param_bytes"] = memory.tensor_bytes(step.model.parameters())
+    record["grad_bytes"] = memory.tensor_bytes(step.trainable)
+    record["optimizer_bytes"] = memory.tensor_bytes(
         v for s in step.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     record["comm_bytes"] = sum(state["by_collective"].values())
     record["comm_bytes_by_collective"] = state["by_collective"]

@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from stbench.measure import memory
 from stbench.parallel import fsdp as fsdp_lib
 from stbench.parallel.context_parallel import analytic_bytes
 from tests.test_distributed import MODEL_TOL, run_ranks
@@ -87,11 +88,11 @@ def _fsdp_equivalence(layouts, rank, world):
             # the ladder runs its frozen image UNet without autograd: those units are not gathered in backward
             "analytic": fsdp_lib.analytic_fsdp_bytes(shapes, trains, world, element_size=8, in_backward=[
                 any(t) or arch != "mobius-ladder-unet" for t in trains]),
-            "param_bytes": fsdp_lib.local_bytes(model.parameters()),
+            "param_bytes": memory.tensor_bytes(model.parameters()),
             "padded_param_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in model.parameters()),
             # gradients are shards of the parameters' layout (they live in FSDP's flat reduce-scatter buffers)
             "grads_sharded": all(p.grad.to_local().shape == p.to_local().shape for p in trainable),
-            "grad_bytes": fsdp_lib.local_bytes(trainable),
+            "grad_bytes": memory.tensor_bytes(trainable),
             # AdamW's moments are zeros_like the unpadded local part: no padding, nothing on an empty part
             "unpadded_grad_bytes": 8 * sum(p.to_local().numel() for p in trainable),
             "padded_grad_bytes": 8 * sum(fsdp_lib.padded_shard_numel(p.shape, world) for p in trainable),
@@ -109,7 +110,7 @@ def _fsdp_equivalence(layouts, rank, world):
         # AdamW's state is sharded with the parameters: two moments of the local shard, plus a step count each
         optimizer = torch.optim.AdamW(trainable)
         optimizer.step()
-        summary[f"{arch}/{mode}/{degree}/{cp_mode}/{checkpointing}"]["optimizer_bytes"] = fsdp_lib.local_bytes(
+        summary[f"{arch}/{mode}/{degree}/{cp_mode}/{checkpointing}"]["optimizer_bytes"] = memory.tensor_bytes(
             v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         summary[f"{arch}/{mode}/{degree}/{cp_mode}/{checkpointing}"]["step_bytes"] = sum(
             s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())

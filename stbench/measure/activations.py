@@ -6,9 +6,11 @@ import contextlib
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from .memory import local_tensor
+
 
 def _storage_key(t: torch.Tensor):
-    t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor parameter (FSDP): its local shard
+    t = local_tensor(t)  # a DTensor parameter (FSDP): its local shard
     storage = t.untyped_storage()
     return (t.device.type, t.device.index, storage.data_ptr() if t.device.type != "meta" else id(storage))
 

@@ -6,20 +6,30 @@ from typing import Iterable
 import torch
 
 
-def _storage_key(t: torch.Tensor):
-    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no DTensor can exist
+    DTensor = ()
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes held by the storages of `tensors`; a storage shared by several tensors counts once."""
-    seen, total = set(), 0
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (FSDP's shard, context parallelism's tokens); any other tensor as is."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by the storages of `tensors` (None skipped); a storage shared by several tensors counts once.
+
+    A DTensor counts its local part. FSDP2 keeps each padded shard in its own storage (a view onto it is the
+    unpadded part), so the padding is counted too, also on a rank whose unpadded part is empty. Works on fake
+    and meta tensors (storages are told apart by identity, not address).
+    """
+    seen = {}
     for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP): this process holds its shard
-        key = _storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+        if t is not None:
+            storage = local_tensor(t).untyped_storage()
+            seen.setdefault(id(storage), storage)  # held here: an id is unique only while its object lives
+    return sum(storage.nbytes() for storage in seen.values())
 
 
 def param_bytes(model: torch.nn.Module) -> int:

@@ -111,24 +111,6 @@ def apply_fsdp(model: nn.Module, mesh, layout: FSDPLayout, cp=None) -> list[nn.M
     return units
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a plain tensor as is)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def local_bytes(tensors) -> int:
-    """Bytes of this rank's shards (FSDP2 pads dim 0 to a multiple of the world: the padding is held too)."""
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        local = local_tensor(t)
-        # FSDP2 keeps each padded shard in its own storage; a view onto it is the unpadded part. A rank whose
-        # part is empty (a (1, 6, C) table over 2 ranks) still holds its padded shard: counted too
-        total += local.untyped_storage().nbytes()
-    return total
-
-
 def padded_shard_numel(shape: torch.Size, world: int) -> int:
     """Elements of one rank's padded shard of a parameter of `shape` (dim 0 split in ceil(dim0 / world) rows)."""
     if len(shape) == 0:

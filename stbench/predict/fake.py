@@ -20,6 +20,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TORCH_DTYPES, Case
+from ..measure import memory
+from ..measure.memory import local_tensor
 from ..parallel import fsdp as fsdp_lib
 from . import sharded, sparse
 from .roofline import OpCost, launches_kernel, op_cost
@@ -82,7 +84,7 @@ class _Tracker(TorchDispatchMode):
         return key
 
     def track(self, tensor: torch.Tensor) -> int:
-        storage = sharded.local(tensor).untyped_storage()
+        storage = local_tensor(tensor).untyped_storage()
         key = self.keys.get(id(storage))
         return self._allocate(storage, storage.nbytes()) if key is None else key
 
@@ -105,7 +107,7 @@ class _Tracker(TorchDispatchMode):
         self._freed(storage_id)
 
     def key_of(self, tensor: torch.Tensor) -> int | None:
-        return self.keys.get(id(sharded.local(tensor).untyped_storage()))
+        return self.keys.get(id(local_tensor(tensor).untyped_storage()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,7 +118,7 @@ class _Tracker(TorchDispatchMode):
         # communication (c10d) is timed on the links from what a CollectiveCounter saw, not as a kernel
         if self.record_ops and launches_kernel(func) and func.namespace != "c10d":
             # a rank computes on its shards: costs from the local tensors (DTensor sizes are global)
-            local_args, local_kwargs, local_out = torch.utils._pytree.tree_map(sharded.local, (args, kwargs, out))
+            local_args, local_kwargs, local_out = torch.utils._pytree.tree_map(local_tensor, (args, kwargs, out))
             self.trace.ops.append(op_cost(func, local_args, local_kwargs, local_out))
         return out
 
@@ -133,17 +135,6 @@ def _fake_parameters(model: torch.nn.Module) -> None:
                     fresh = torch.empty(t.shape, dtype=t.dtype, device="cpu")
                     made[id(t)] = torch.nn.Parameter(fresh, requires_grad=t.requires_grad) if is_param else fresh
                 table[name] = made[id(t)]
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages (a DTensor's: its local shard's, padding included)."""
-    seen, total = set(), 0
-    for t in tensors:
-        storage = sharded.local(t).untyped_storage()
-        if id(storage) not in seen:
-            seen.add(id(storage))
-            total += storage.nbytes()
-    return total
 
 
 def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int = 1) -> StepTrace:
@@ -180,7 +171,7 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             raise ValueError(f"{case.arch} has no trainable parameters in mode {case.mode!r}")
         # DTensor shards: AdamW steps the local shards, the same elementwise work and memory as stepping the
         # DTensors, without DTensor's sharding propagation over every foreach op (minutes for a 14B model)
-        stepped = trainable if trace.layout is None else [torch.nn.Parameter(sharded.local(p)) for p in trainable]
+        stepped = trainable if trace.layout is None else [torch.nn.Parameter(local_tensor(p)) for p in trainable]
         optimizer = torch.optim.AdamW(stepped, lr=1e-4, foreach=foreach)
         batch = model.make_batch(case.batch, case.frames, case.resolution, case.resolution, device="cpu")
         for t in (batch.latents, batch.noise, batch.timesteps, batch.text):
@@ -214,7 +205,7 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
                     trace.categories[tracker.track(p.grad)] = GRADS
             if stepped is not trainable:
                 for shard, p in zip(stepped, trainable):
-                    shard.grad = sharded.local(p.grad) if p.grad is not None else None
+                    shard.grad = local_tensor(p.grad) if p.grad is not None else None
             optimizer.step()
             if last:
                 counting.close()
@@ -222,17 +213,17 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
                 state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
                 for t in state:
                     trace.categories[tracker.track(t)] = OPTIMIZER
-                trace.optimizer_bytes = _storage_bytes(state)
+                trace.optimizer_bytes = memory.tensor_bytes(state)
             optimizer.zero_grad(set_to_none=True)
             for p in trainable:
                 p.grad = None
         tracker.record_ops = False
         trace.params_total = sum(p.numel() for p in model.parameters())
         trace.params_trainable = sum(p.numel() for p in trainable)
-        trace.param_bytes = _storage_bytes(model.parameters())
+        trace.param_bytes = memory.tensor_bytes(model.parameters())
         # a gradient has its parameter's layout: FSDP's gradient shards are padded like the parameter shards
         trace.grad_bytes = (sum(p.numel() * p.element_size() for p in trainable) if trace.layout is None
-                            else _storage_bytes(trainable))
+                            else memory.tensor_bytes(trainable))
         trace.warnings.extend(adapters.warnings)
         del optimizer, batch, model
     return trace

@@ -28,11 +28,6 @@ from ..parallel import fsdp as fsdp_lib
 OVERLAPPED = ("all_gather", "reduce_scatter", "point_to_point")
 
 
-def local(t):
-    """A DTensor's local shard (what this rank holds); any other tensor as is."""
-    return t._local_tensor if isinstance(t, torch.distributed.tensor.DTensor) else t
-
-
 @contextlib.contextmanager
 def fake_world(world: int, rank: int = 0):
     """A default process group of `world` fake ranks, this process being `rank`; torn down on exit."""
