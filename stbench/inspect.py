@@ -164,8 +164,6 @@ def format_table(rows: list[dict]) -> str:
 
 def execute(args) -> int:
     archs = list(comma_list(args.arch, "arch", str))
-    if not archs:
-        raise UserError("--arch: needs at least one architecture")
     device = args.device
     if device != "meta" and device.split(":")[0] not in ("cpu", "cuda"):
         raise UserError(f"--device: {device!r} is not legal; legal: cpu, cuda, cuda:N, meta")

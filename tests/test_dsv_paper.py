@@ -1,6 +1,7 @@
 """DSV's GPU-path guarantees and the paper's mechanisms, each against a reference (CPU)."""
 import functools
 import json
+import os
 
 import pytest
 import torch
@@ -238,6 +239,21 @@ def test_dispatcher_goes_sparse_only_where_the_cost_table_says_it_is_faster(tmp_
         assert bool(layer.last_sparse_heads.any()) is goes_sparse and layer.vetoed is not goes_sparse
         if not goes_sparse:
             torch.testing.assert_close(out, dense_attention(q, k, v))
+
+
+def test_one_cost_table_per_file_read_again_when_rewritten(tmp_path):
+    """Layers share one read of the table; a folder names its results.jsonl, whose rewrite is seen."""
+    from architectures.attention.dsv_stages import _cost_table
+
+    table = tmp_path / "results.jsonl"
+    row = dict(status="ok", attention=dict(backend="gather", tokens=64, sparsity=0.5, speedup=2.0))
+    table.write_text(json.dumps(row) + "\n")
+    first = _cost_table(str(tmp_path))
+    assert _cost_table(str(table)) is first and first.speedup("gather", 64, 0.5) == 2.0
+    row["attention"]["speedup"] = 0.25
+    table.write_text(json.dumps(row) + "\n")
+    os.utime(table, ns=(table.stat().st_atime_ns, table.stat().st_mtime_ns + 1))  # a coarse clock: mtime moves
+    assert _cost_table(str(tmp_path)).speedup("gather", 64, 0.5) == 0.25
 
 
 def plant_local_attention(model, sharpness=8.0):

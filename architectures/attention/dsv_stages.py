@@ -84,12 +84,20 @@ def make_dsv_attention(dim: int, heads: int, head_dim: int, cfg: DSVSettings) ->
         estimator_samples=cfg.estimator_samples, backend=cfg.sparse_backend, recompute=cfg.sparse_recompute,
         query_groups=cfg.query_groups, key_selection=cfg.key_selection, estimator_lr=cfg.estimator_lr,
         norm_weight=cfg.estimator_norm_weight,
-        cost_table=_cost_table(cfg.cost_table, Path(cfg.cost_table).stat().st_mtime_ns) if cfg.cost_table else None)
+        cost_table=_cost_table(cfg.cost_table) if cfg.cost_table else None)
+
+
+def _cost_table(path: str) -> CostTable:
+    """The table of a results.jsonl (or the folder holding one), read once per model, not once per layer."""
+    file = Path(path)
+    file = (file / "results.jsonl" if file.is_dir() else file).resolve()
+    stat = file.stat()
+    return _read_cost_table(str(file), stat.st_mtime_ns, stat.st_size)  # a rewritten file is read again
 
 
 @functools.lru_cache(maxsize=8)
-def _cost_table(path: str, mtime_ns: int) -> CostTable:  # read once per model, not per layer; re-read if rewritten
-    return CostTable.from_file(path)
+def _read_cost_table(file: str, mtime_ns: int, size: int) -> CostTable:  # read-only: shared by the layers
+    return CostTable.from_file(file)
 
 
 class DSVStages:

@@ -273,9 +273,10 @@ class _GatherAttention(torch.autograd.Function):
             torch.bmm(qs[r:r + n], kb.transpose(1, 2), out=p)  # scores
             if hidden is not None:
                 p.masked_fill_(hidden[r:r + n], float("-inf"))
-            if recompute:
-                torch.logsumexp(p, -1, keepdim=True, out=lse[r:r + n])
+            peak = p.amax(-1, keepdim=True) if recompute else None  # (n, bq, 1)
             torch.ops.aten._softmax.out(p, -1, False, out=p)  # in place: one fused max, exp, sum, scale
+            if recompute:  # P at the row's maximum is exp(0) / rowsum: lse = max + log(rowsum) = max - log(max P)
+                torch.sub(peak, p.amax(-1, keepdim=True).log_(), out=lse[r:r + n])
             torch.bmm(p, vb, out=out[r:r + n])  # (n, bq, Dv)
             if keep:
                 probs.append(p)

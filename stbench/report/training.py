@@ -11,7 +11,9 @@ from scipy import stats
 from .figures import Figure, _styled, arch_colors, plt, to_data_uri
 from .verdict import family_of
 
-REFERENCES = ("serial-unet", "dit-full")  # the point of reference of each family, when present
+# the point of reference of a family's group, when present; else the first label in order (an architecture
+# without --set overrides sorts before its variants, e.g. wan before wan [attention=dsv])
+REFERENCES = ("serial-unet", "dit-full")
 TARGET_FRACTION = 0.9  # target: the reference's start loss minus this fraction of its held-out improvement
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
