@@ -105,7 +105,7 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
         f"{world} ranks; each fsdp rank trains its own batch of {case.batch} (global batch {case.batch * layout.fsdp}"
         f"); param/grad/optimizer_bytes are the largest rank's shard bytes (padding included), host_peak_bytes the "
         f"largest rank's resident-memory growth over the timed steps, rank_* per rank; "
-        f"comm_bytes counted on the c10d ops of one extra untimed step; saved_activations also counts the gathered "
-        f"(unsharded) weights that layers save for backward")
+        f"comm_bytes counted on the c10d ops of one extra untimed step; saved_activations leaves out the gathered "
+        f"weights layers save for backward (FSDP frees and gathers them again: they are parameters)")
     memory.release_memory()
     return merged

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from stbench.measure import memory
+from stbench.measure import activations, memory
 from stbench.parallel import fsdp as fsdp_lib
 from stbench.parallel.context_parallel import analytic_bytes
 from tests.test_distributed import MODEL_TOL, run_ranks
@@ -107,6 +107,12 @@ def _fsdp_equivalence(layouts, rank, world):
             "cp_mode": cp_mode,
             "cp_sent": cp.counter.bytes_by_kind if cp is not None else {},
         }
+        if layout.cp == 1 and checkpointing == "none":  # one rank's batch: the activations one process saves
+            def forward(m):
+                return lambda: m.loss(_batch(m, [dp], frames, resolution))
+            summary[f"{arch}/{mode}/{degree}/{cp_mode}/{checkpointing}"]["saved"] = (
+                activations.saved_activation_bytes(model, forward(model)),
+                activations.saved_activation_bytes(reference, forward(reference)))
         # AdamW's state is sharded with the parameters: two moments of the local shard, plus a step count each
         optimizer = torch.optim.AdamW(trainable)
         optimizer.step()
@@ -147,6 +153,8 @@ def _check_bytes(results, world):
                 extra = r["sent"]["all_gather"] - expected["all_gather"]
                 assert extra in r["frozen_unit_gather_bytes"], key
                 expected["all_gather"] += extra
+            if "saved" in r:  # FSDP's gathered weights are parameters, freed after forward: not activations
+                assert r["saved"][0] == r["saved"][1], (key, r["saved"])
             # one rank: FSDP2 issues no collective at all (the analytic count is zero bytes)
             assert r["sent"] == {kind: sent for kind, sent in expected.items() if sent or world > 1}, key
 
@@ -336,8 +344,9 @@ def _predicted(args: list[str], tmp_path) -> dict:
 @pytest.mark.slow
 def test_predicted_rank_matches_the_gloo_run_bytes_exactly_and_host_peak_within_25_percent(tmp_path):
     """`stbench predict --world-size 2 --fsdp 2 --hardware cpu` (one rank in a fake process group) against the
-    same layout run on 2 gloo processes: shards and every collective's bytes exact, the peak within 25% of each
-    rank's measured host_peak_bytes (dit-full 256 px x 8 frames: activations dominate, as at full size)."""
+    same layout run on 2 gloo processes: shards, saved activations and every collective's bytes exact, the peak
+    within 25% of each rank's measured host_peak_bytes (dit-full 256 px x 8 frames: activations dominate, as at
+    full size)."""
     from stbench import results
 
     shape = ["--arch", "dit-full", "--mode", "full", "--resolution", "256", "--frames", "8", "--fsdp", "2"]
@@ -348,7 +357,7 @@ def test_predicted_rank_matches_the_gloo_run_bytes_exactly_and_host_peak_within_
     predicted = _predicted([*shape, "--world-size", "2", "--hardware", "cpu"], tmp_path)
     assert predicted["status"] == "ok" and predicted["world_size"] == 2 and predicted["mesh"] == measured["mesh"]
     for name in ("param_bytes", "grad_bytes", "optimizer_bytes", "comm_bytes", "comm_bytes_by_collective",
-                 "rank_param_bytes", "rank_grad_bytes", "rank_optimizer_bytes"):
+                 "rank_param_bytes", "rank_grad_bytes", "rank_optimizer_bytes", "saved_activations"):
         assert predicted[name] == measured[name], name
     peak = predicted["predicted"]["rank_peak_bytes"]
     for rank, host_peak in enumerate(measured["rank_host_peak_bytes"]):

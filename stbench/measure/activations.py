@@ -5,14 +5,9 @@ import contextlib
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.nn.modules import module as module_hooks
 
 from .memory import local_tensor
-
-
-def _storage_key(t: torch.Tensor):
-    t = local_tensor(t)  # a DTensor parameter (FSDP): its local shard
-    storage = t.untyped_storage()
-    return (t.device.type, t.device.index, storage.data_ptr() if t.device.type != "meta" else id(storage))
 
 
 class SavedTensorCounter(contextlib.AbstractContextManager):
@@ -20,20 +15,38 @@ class SavedTensorCounter(contextlib.AbstractContextManager):
 
     # `region_bytes` splits the total by the innermost `region(name)` open at save time, so a model can be
     # asked how much its spatial or temporal layers saved. Parameters are excluded (`exclude_parameters`):
-    # they are held anyway, so saving them costs no activation memory.
+    # they are held anyway, so saving them costs no activation memory. That includes parameters a wrapper swaps
+    # in for the forward: FSDP2 gathers each unit's weights into storages of its own, frees them after the
+    # forward and gathers them again in backward, so what layers save of them holds no memory in between.
+    # Those are seen by module hooks while the block runs (a module's own parameters before and after its
+    # forward), which is why the totals are made when the block ends.
 
-    def __init__(self):
+    def __init__(self, keep: bool = False):
         self.total_bytes = 0
         self.count = 0
         self.region_bytes: dict[str, int] = {}
-        self._seen: set = set()
-        self._param_keys: set = set()
+        self.keep = keep  # keep the counted storages in `kept` after the block (predict labels them)
+        self.kept: list = []
+        self._saved: dict[int, tuple] = {}  # id(storage) -> (storage, its bytes and region at its first save)
+        self._excluded: dict[int, torch.UntypedStorage] = {}  # the storages of parameters
+        self._watch = False
         self._regions: list[str] = []
         self._hooks = None
+        self._handles: list = []
 
     def exclude_parameters(self, module: torch.nn.Module) -> "SavedTensorCounter":
-        self._param_keys |= {_storage_key(p) for p in module.parameters()}
+        self._exclude(module.parameters())
+        self._watch = True
         return self
+
+    def _exclude(self, tensors) -> None:
+        for t in tensors:
+            if t is not None:
+                storage = local_tensor(t).untyped_storage()
+                self._excluded.setdefault(id(storage), storage)  # held: an id is unique only while its object lives
+
+    def _exclude_module(self, module, *_) -> None:
+        self._exclude(module._parameters.values())
 
     @contextlib.contextmanager
     def region(self, name: str):
@@ -44,23 +57,31 @@ class SavedTensorCounter(contextlib.AbstractContextManager):
             self._regions.pop()
 
     def _pack(self, t: torch.Tensor):
-        key = _storage_key(t)
-        if key not in self._seen and key not in self._param_keys:
-            self._seen.add(key)
-            nbytes = t.untyped_storage().nbytes()
-            self.total_bytes += nbytes
-            self.count += 1
-            region = self._regions[-1] if self._regions else "other"
-            self.region_bytes[region] = self.region_bytes.get(region, 0) + nbytes
+        storage = local_tensor(t).untyped_storage()  # a DTensor (FSDP, context parallelism): its local part
+        if id(storage) not in self._saved:
+            self._saved[id(storage)] = (storage, storage.nbytes(), self._regions[-1] if self._regions else "other")
         return t
 
     def __enter__(self):
+        if self._watch:
+            self._handles = [module_hooks.register_module_forward_pre_hook(self._exclude_module),
+                             module_hooks.register_module_forward_hook(self._exclude_module)]
         self._hooks = saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        for key, (storage, nbytes, region) in self._saved.items():
+            if key not in self._excluded:
+                if self.keep:
+                    self.kept.append(storage)
+                self.total_bytes += nbytes
+                self.count += 1
+                self.region_bytes[region] = self.region_bytes.get(region, 0) + nbytes
+        self._saved, self._excluded, self._handles = {}, {}, []  # no other storage is kept alive past the block
         return False
 
 

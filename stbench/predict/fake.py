@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TORCH_DTYPES, Case
-from ..measure import memory
+from ..measure import activations, memory
 from ..measure.memory import local_tensor
 from ..parallel import fsdp as fsdp_lib
 from . import sharded, sparse
@@ -137,6 +136,18 @@ def _fake_parameters(model: torch.nn.Module) -> None:
                 table[name] = made[id(t)]
 
 
+class _SavedCounter(activations.SavedTensorCounter):
+    """The saved-activation counter of `run`, whose saved storages the tracker also sees when they are saved."""
+
+    def __init__(self, tracker: _Tracker):
+        super().__init__(keep=True)
+        self.tracker = tracker
+
+    def _pack(self, t):
+        self.tracker.track(t)
+        return super()._pack(t)
+
+
 def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int = 1) -> StepTrace:
     """Run `steps` fake training steps of `case`; the last one is traced as the steady state.
 
@@ -176,30 +187,23 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
         batch = model.make_batch(case.batch, case.frames, case.resolution, case.resolution, device="cpu")
         for t in (batch.latents, batch.noise, batch.timesteps, batch.text):
             trace.categories[tracker.track(t)] = ACTIVATIONS
-        param_keys = {tracker.key_of(p) for p in model.parameters()}
         for step in range(steps):
             last = step == steps - 1
             adapters.begin_step(last)
-            saved: dict[int, int] = {}
-
-            def pack(t):
-                key = tracker.track(t)
-                if key not in param_keys:
-                    saved[key] = t.untyped_storage().nbytes()
-                return t
-
             if last:
                 trace.measure_from = len(trace.events)
                 tracker.record_ops = True
                 counter = counting.enter_context(fsdp_lib.CollectiveCounter())  # the bytes each collective sends
-            with saved_tensors_hooks(pack, lambda t: t):
-                with autocast():
-                    loss = model.loss(batch)
+            # run's own count of saved activations (parameters, FSDP's gathered ones too, left out)
+            with _SavedCounter(tracker).exclude_parameters(model) as saved, autocast():
+                loss = model.loss(batch)
+            saved_keys = [tracker.keys[id(storage)] for storage in saved.kept]
+            saved.kept.clear()  # before backward: a held storage would outlive its graph and raise the peak
             loss.backward()
             del loss
             if last:
-                trace.saved_activations = sum(saved.values())
-                for key in saved:
+                trace.saved_activations = saved.total_bytes
+                for key in saved_keys:
                     trace.categories.setdefault(key, ACTIVATIONS)
                 for p in trainable:
                     trace.categories[tracker.track(p.grad)] = GRADS
