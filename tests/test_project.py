@@ -34,3 +34,17 @@ def test_console_script_is_python_dash_m_stbench():
     bad = subprocess.run([str(script), "run", "--arch", "no-such-net", "--out", "/nonexistent/x"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("stbench: error: arch: unknown architecture")
+
+
+def test_architectures_know_nothing_of_measuring():
+    """DESIGN.md's layering: models never import stbench (not even lazily inside a function)."""
+    import ast
+
+    root = REPO / "architectures"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.relative_to(root.parent)}:{node.lineno}" for n in names if n.split(".")[0] == "stbench"]
+    assert not offenders, offenders

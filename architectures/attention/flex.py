@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .oom import is_out_of_memory
+
 FLEX_BLOCK = 128  # FlexAttention's default BlockMask block; the default kernel tiles divide it
 # Compiles are static per shape, and DSV layers differ in how many heads go sparse: a sweep meets many
 # (batch, heads, tokens, grad mode) combinations, more than dynamo's default limit of 8 per function.
@@ -141,8 +143,6 @@ class FlexWithFallback(torch.autograd.Function):
         try:
             grads = iter(torch.autograd.grad(out, wanted, grad))
         except Exception as error:  # noqa: BLE001 - any kernel build failure: recompute on the gather path
-            from stbench.measure.memory import is_out_of_memory  # the one shared out-of-memory check
-
             if is_out_of_memory(error):
                 raise  # a measurement (status oom), not a broken kernel
             fallback, on_fallback = ctx.rest

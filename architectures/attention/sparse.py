@@ -18,6 +18,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .flex import flex_available, flex_block_sparse_attention, flex_head_dim, flex_supports
+from .oom import is_out_of_memory
 
 CPU_CHUNK_ELEMENTS = 1 << 18  # score elements per chunk and CPU thread (1 MB fp32): see _GatherAttention
 DEVICE_CHUNK_ELEMENTS = 1 << 27  # elsewhere: few, large chunks (the scores are materialised, unlike flash)
@@ -148,8 +149,6 @@ def block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float | 
         try:
             return run(flex, flex_tiles, flex_head_dim(D), scores_recomputed=True)
         except Exception as error:  # noqa: BLE001 - classified below
-            from stbench.measure.memory import is_out_of_memory  # the one shared out-of-memory check
-
             if backend == "flex" or is_out_of_memory(error):
                 raise
             if on_fallback is not None:
