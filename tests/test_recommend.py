@@ -84,6 +84,8 @@ def test_forced_sparsity_flagged_in_comparisons_and_profiler_overhead_disclosed(
     assert verdict.dsv_note({"dsv": {"forced": True, "sparse_head_fraction": 0.5}}).startswith("sparsity FORCED")
     assert verdict.dsv_note({"dsv": None, "overrides": {"sparsity": 0.9}}).startswith("sparsity FORCED")
     assert verdict.dsv_note({"dsv": {"sparse_head_fraction": 0.5}}) == "sparse heads 50.0%"
+    assert verdict.dsv_note({"dsv": {"sparse_head_fraction": 0.0, "profiled_sparsity": [[0.125, 0.25], [0.5, 0.0]]}}) \
+        == "sparse heads 0.0%, learned (profiled) sparsity by layer 0.19, 0.25 (heads 0.00-0.50)"
     run = fake_run.write_fake_run(tmp_path / "run", seed=0, torn=True)
     import json
     summary = next((run / "traces").glob("*/summary.json"))

@@ -194,6 +194,12 @@ def dsv_note(record: dict) -> str:
                                     ("rel_error", "rel. error", 1, "")):
         if isinstance(dsv.get(key), (int, float)):
             parts.append(f"{label} {dsv[key] * scale:.{1 if unit else 3}f}{unit}")
+    layers = [[h for h in layer if isinstance(h, (int, float))] for layer in dsv.get("profiled_sparsity") or []]
+    layers = [layer for layer in layers if layer]
+    if layers:  # what training made of each head: why DSV went sparse where it did, or nowhere
+        heads = [h for layer in layers for h in layer]
+        parts.append(f"learned (profiled) sparsity by layer {', '.join(f'{sum(l) / len(l):.2f}' for l in layers)}"
+                     f" (heads {min(heads):.2f}-{max(heads):.2f})")
     if forced_sparsity(record):
         parts.insert(0, "sparsity FORCED (--set), not learned")
     return ", ".join(parts)
