@@ -8,7 +8,7 @@ import torch
 
 import architectures
 from architectures.attention import full
-from architectures.attention.dsv import blocks_to_cover, n_blocks
+from architectures.attention.dsv import block_sparsity
 from stbench.config import Case
 from stbench.data import BACKGROUND, DatasetConfig, MovingShapes
 from stbench.weights import load_weights
@@ -42,7 +42,7 @@ def main() -> None:
         cells = []
         for layer, (q, k) in enumerate(captured):
             probs = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, -1)  # (1, H, N, N)
-            sparsity = 1 - blocks_to_cover(probs, BLOCK, COVERAGE).float() / n_blocks(q.shape[2], BLOCK)  # (1, H, N)
+            sparsity = block_sparsity(probs, BLOCK, COVERAGE)  # (1, H, N)
             cells.append(f"layer {layer}: background {float(sparsity[..., ~on_shape].mean()):.3f}, "
                          f"shape {float(sparsity[..., on_shape].mean()):.3f}")
         print(f"t={int(batch.timesteps[0]):4d} shape tokens {int(on_shape.sum()):3d} | " + " | ".join(cells))

@@ -64,10 +64,12 @@ def select_key_tokens(probs, count: int):  # (B, H, nQ, N) -> long (B, H, nQ, co
     return probs.topk(min(count, probs.shape[-1]), dim=-1).indices
 
 
-def blocks_to_cover(probs, block_size: int, coverage: float):  # (..., N) -> (...,) int blocks needed
-    """How many of the largest key blocks hold `coverage` of each row's attention mass."""
-    cum = block_sums(probs, block_size).sort(dim=-1, descending=True).values.cumsum(-1)
-    return (cum < coverage).sum(-1) + 1
+def block_sparsity(probs, block_size: int, coverage: float):  # (..., N) -> (...,) float
+    """DSV's profiled sparsity of each row: the fraction of its key blocks left over once its largest blocks
+    hold `coverage` of its attention mass."""
+    sums = block_sums(probs, block_size)  # (..., blocks)
+    needed = (sums.sort(dim=-1, descending=True).values.cumsum(-1) < coverage).sum(-1) + 1
+    return 1 - needed.float() / sums.shape[-1]
 
 
 def cube_shape(grid, volume: int) -> tuple[int, int, int] | None:
@@ -334,8 +336,8 @@ class DSVAttention(SelfAttention):
         loss = (1 - cosine).mean() + self.norm_weight * (ratio - 1).pow(2).mean()
         if profile:
             with torch.no_grad():
-                needed = blocks_to_cover(torch.softmax(true32 * D ** -0.5, -1), self.block_size, self.mass_coverage)
-                self.update_profile((1 - needed.float() / n_blocks(N, self.block_size)).mean((0, 2)), heads)
+                probs = torch.softmax(true32 * D ** -0.5, -1)  # (B, H, S, N)
+                self.update_profile(block_sparsity(probs, self.block_size, self.mass_coverage).mean((0, 2)), heads)
         return loss
 
     @torch.no_grad()
@@ -382,5 +384,5 @@ class DSVAttention(SelfAttention):
 
 
 __all__ = ["DSVAttention", "CostTable", "estimate_block_scores", "select_blocks", "select_key_tokens",
-           "blocks_to_cover", "cube_shape", "cube_order", "block_sums", "n_blocks", "block_sparse_attention", "gather_block_sparse_attention",
+           "block_sparsity", "cube_shape", "cube_order", "block_sums", "n_blocks", "block_sparse_attention", "gather_block_sparse_attention",
            "block_mask_to_token_mask"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from architectures.attention.dsv import DSVAttention, block_sums, blocks_to_cover, estimate_block_scores, select_blocks
+from architectures.attention.dsv import DSVAttention, block_sparsity, block_sums, estimate_block_scores, select_blocks
 from architectures.attention.full import FullAttention
 from architectures.attention.processors import SwappedAttnProcessor
 from architectures.attention.sparse import block_sparse_attention
@@ -301,11 +301,11 @@ class RingParallel(ContextParallel):
         ratio = ee.clamp_min(1e-24).sqrt() / tt.sqrt().clamp_min(1e-6)
         loss = (1 - cosine).mean() + (ratio - 1).pow(2).mean()
         if profile:
-            self._profile(attn, true.detach() * D ** -0.5, N)
+            self._profile(attn, true.detach() * D ** -0.5)
         return loss
 
     @torch.no_grad()
-    def _profile(self, attn, logits, N):
+    def _profile(self, attn, logits):
         """Stage-1 sparsity profile: blocks holding `mass_coverage` of each sampled row's softmax mass."""
         bs = attn.block_size
         peak = logits.amax(-1)
@@ -317,5 +317,4 @@ class RingParallel(ContextParallel):
         dist.all_reduce(total, group=self.group)
         mass = block_sums(e / total.unsqueeze(-1), bs)  # (B, H, S, n/bs)
         mass = all_gather_counted(mass, self.group, self.counter, "attention", dim=-1)  # (B, H, S, N/bs)
-        needed = blocks_to_cover(mass, 1, attn.mass_coverage)
-        attn.update_profile((1 - needed.float() / (N // bs)).mean((0, 2)))  # (H,)
+        attn.update_profile(block_sparsity(mass, 1, attn.mass_coverage).mean((0, 2)))  # (H,); mass is per block
