@@ -7,7 +7,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.modules import module as module_hooks
 
-from .memory import local_tensor
+from .memory import local_tensor, storages
 
 
 class SavedTensorCounter(contextlib.AbstractContextManager):
@@ -40,10 +40,7 @@ class SavedTensorCounter(contextlib.AbstractContextManager):
         return self
 
     def _exclude(self, tensors) -> None:
-        for t in tensors:
-            if t is not None:
-                storage = local_tensor(t).untyped_storage()
-                self._excluded.setdefault(id(storage), storage)  # held: an id is unique only while its object lives
+        self._excluded.update(storages(tensors))
 
     def _exclude_module(self, module, *_) -> None:
         self._exclude(module._parameters.values())

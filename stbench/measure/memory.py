@@ -5,8 +5,7 @@ from typing import Iterable
 
 import torch
 
-from architectures.attention.oom import OOM_MESSAGES, is_out_of_memory  # noqa: F401 - stbench's OOM check
-
+from architectures.attention.oom import is_out_of_memory  # noqa: F401 - stbench's OOM check
 
 try:
     from torch.distributed.tensor import DTensor
@@ -26,12 +25,18 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     unpadded part), so the padding is counted too, also on a rank whose unpadded part is empty. Works on fake
     and meta tensors (storages are told apart by identity, not address).
     """
-    seen = {}
+    return sum(storage.nbytes() for storage in storages(tensors).values())
+
+
+def storages(tensors: Iterable[torch.Tensor | None]) -> dict[int, torch.UntypedStorage]:
+    """id -> storage of each distinct storage behind `tensors` (None skipped; a DTensor's local part). The
+    storages are held in the dict: an id is unique only while its object lives."""
+    found = {}
     for t in tensors:
         if t is not None:
             storage = local_tensor(t).untyped_storage()
-            seen.setdefault(id(storage), storage)  # held here: an id is unique only while its object lives
-    return sum(storage.nbytes() for storage in seen.values())
+            found.setdefault(id(storage), storage)
+    return found
 
 
 def param_bytes(model: torch.nn.Module) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from .. import stats
 from ..measure import load
 from .verdict import config_label, family_of, forced_sparsity, match_key
