@@ -90,6 +90,7 @@ def _record(backend, args, device, dtype, N, sparsity, env_info):
 def measure(args, out: Path) -> list[dict]:
     """Time every backend at every token count and sparsity, interleaved; append one record per case."""
     from architectures.attention import dense_attention
+    from architectures.attention.dsv import kept_blocks
     from architectures.attention.sparse import computed_tiles, n_blocks, tile_flops
     from torch.utils import flop_counter
 
@@ -118,7 +119,7 @@ def measure(args, out: Path) -> list[dict]:
         cases = {("sdpa", None): (_record("sdpa", args, device, dtype, N, None, env_info), _fwd_bwd(dense_attention, inputs))}
         for backend in backends:
             for s in sparsities:
-                topk = max(1, math.ceil((1 - s) * nk - 1e-6))
+                topk = kept_blocks(s, nk)
                 record = _record(backend, args, device, dtype, N, s, env_info)
                 record["attention"] = {"backend": backend, "tokens": N, "sparsity": s, "kept_blocks": topk,
                                        "blocks": nk, "heads": H, "head_dim": D, "block_size": bs,

@@ -47,6 +47,12 @@ def estimate_block_scores(q_est, k_est, block_size: int, scale: float):  # -> (B
     return block_sums(pooled_key_probs(q_est, k_est, block_size, scale), block_size)
 
 
+def kept_blocks(sparsity: float, blocks: int, at_least: int = 1) -> int:
+    """Key blocks a query block keeps at `sparsity`: ceil((1 - s) x blocks), at least min(at_least, blocks) (the
+    layer's `head_topk` for one number, on the host)."""
+    return min(blocks, max(min(at_least, blocks), math.ceil((1 - sparsity) * blocks - 1e-6)))
+
+
 def select_blocks(scores, topk, kmax: int | None = None) -> torch.Tensor:  # (B, H, nQ, nK) -> bool (B, H, nQ, nK)
     """Each query block keeps its `topk` highest-scoring key blocks; topk is an int or an (H,) tensor per head.
     kmax: the largest topk when the caller knows it (else read from topk: a host synchronisation)."""
@@ -383,6 +389,6 @@ class DSVAttention(SelfAttention):
                 "head_recall": head_recall.tolist(), "profiled_sparsity": self.profiled_sparsity[heads].tolist()}
 
 
-__all__ = ["DSVAttention", "CostTable", "estimate_block_scores", "select_blocks", "select_key_tokens",
+__all__ = ["DSVAttention", "CostTable", "kept_blocks", "estimate_block_scores", "select_blocks", "select_key_tokens",
            "block_sparsity", "cube_shape", "cube_order", "block_sums", "n_blocks", "block_sparse_attention", "gather_block_sparse_attention",
            "block_mask_to_token_mask"]

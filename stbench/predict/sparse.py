@@ -10,10 +10,11 @@ tiles. This is the only place that knows a DSV layer's internals (`dsv_layers()`
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch.utils import flop_counter
+
+from architectures.attention.dsv import kept_blocks
 
 from .roofline import HALF, OpCost
 
@@ -44,7 +45,7 @@ class DSVAdapter:
         self.layer, self.sparsity, self.ops, self.recording = layer, sparsity, ops, recording
 
     def topk(self, nk: int) -> int:
-        return min(nk, max(min(self.layer.topk_min, nk), math.ceil((1 - self.sparsity) * nk - 1e-6)))
+        return kept_blocks(self.sparsity, nk, self.layer.topk_min)
 
     def core(self, q, k, v, head_offset: int = 0):  # (B, H, N, D) x3 -> (B, H, N, D)
         from architectures.attention.full import dense_attention
