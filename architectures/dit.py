@@ -17,6 +17,10 @@ from .base import LATENT_SCALE, VideoModel
 from .registry import Architecture, register
 from .spec import CONTEXT_PARALLEL_MODES
 
+# LoRA's default targets: the attention projections (self-attention's fused qkv, cross-attention's q and kv, and
+# each attention's output `out`), as DIFFUSERS_LORA_TARGETS name them in diffusers' Attention
+DIT_LORA_TARGETS = ("qkv", "q", "kv", "out")
+
 
 @dataclass(frozen=True)
 class DiTConfig(DSVSettings):
@@ -235,4 +239,4 @@ for _name, (_kind, _description) in ARCHS.items():
     register(Architecture(name=_name, family="dit", config_cls=DiTConfig,
                           presets={p: _preset(_kind, s) for p, s in PRESETS.items()}, build=VideoDiT,
                           description=_description, check_shape=check_shape, tokens=DiTConfig.tokens,
-                          context_parallel=CONTEXT_PARALLEL_MODES))
+                          context_parallel=CONTEXT_PARALLEL_MODES, lora_targets=DIT_LORA_TARGETS))

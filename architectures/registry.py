@@ -11,7 +11,7 @@ from .spec import Architecture
 
 FAMILY_MODULES = ("architectures.unet_serial", "architectures.unet_mobius", "architectures.dit", "architectures.wan",
                   "architectures.cogvideox", "architectures.hunyuan_video", "architectures.ltx_video",
-                  "architectures.latte")
+                  "architectures.latte", "architectures.mochi")
 
 _REGISTRY: dict[str, Architecture] = {}
 _loaded = False

@@ -8,6 +8,8 @@ from typing import Any, Callable
 from .base import TRAINING_MODES, VideoModel
 
 CONTEXT_PARALLEL_MODES = ("ulysses", "ring")  # head-wise, sequence-wise (stbench.parallel runs them)
+# the attention projections of diffusers' Attention (the layers finetrainers' and diffusers' LoRA scripts adapt)
+DIFFUSERS_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass(frozen=True)
@@ -29,3 +31,5 @@ class Architecture:
     # --context-parallel modes the model runs: its forward follows the `cp` protocol once `model.context_parallel`
     # is set (tokens sharded after patch embedding, self-attention through cp.attention, gathered at the end)
     context_parallel: tuple[str, ...] = ()
+    # --lora's default --lora-targets: names of linear layers (a module's full name or its last dotted parts)
+    lora_targets: tuple[str, ...] = DIFFUSERS_LORA_TARGETS

@@ -4,8 +4,9 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from . import results, runfolder
+from . import results, runfolder, stats
 from .measure import load
+from .report.verdict import config_label, match_key
 
 
 def closing_lines(records: list[dict], skipped: int, out: Path, *, trace: bool) -> list[str]:
@@ -21,5 +22,39 @@ def closing_lines(records: list[dict], skipped: int, out: Path, *, trace: bool) 
     if loaded:
         notes += f"; {loaded} case(s) measured while other processes competed for the machine (load)"
     lines.append(notes)
+    lines += comparison_lines(records)
     lines.append(f"stbench: report: python -m stbench report {shlex.quote(str(out))}")
+    return lines
+
+
+def _label(record: dict) -> str:
+    """The architecture and its --set overrides: what differs between the compared cases."""
+    sets = ",".join(f"{k}={v}" for k, v in sorted((record.get("overrides") or {}).items()))
+    return record["arch"] + (f" [{sets}]" if sets else "")
+
+
+def comparison_lines(records: list[dict]) -> list[str]:
+    """Per configuration measured for several architectures (or --set variants): each against the fastest, judged
+    by stbench.stats.compare_times as the gate and the report's "What to train" judge it; a pair the samples cannot
+    tell apart is said to be so."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        if record["status"] == "ok" and record.get("step_ms_median"):
+            groups.setdefault(match_key(record), []).append(record)
+    lines = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        group = sorted(group, key=lambda r: r["step_ms_median"])
+        fastest = group[0]
+        judged = [(r, stats.compare_times(r, fastest, same_run=True)) for r in group[1:]]
+        parts = [f"{_label(r)} {j.ratio:.2f}x ({j.verdict}, {j.test}, n={j.n_current}+{j.n_baseline}"
+                 + (f", p={j.p_value:.2g}" if j.p_value is not None else "") + ")" for r, j in judged]
+        lines.append(f"stbench: step time at {config_label(fastest, short=True)}: fastest {_label(fastest)} "
+                     f"{fastest['step_ms_median']:.1f} ms; " + "; ".join(parts))
+        tied = [_label(r) for r, j in judged if j.verdict not in (stats.SLOWER, stats.FASTER)]
+        if tied:
+            rounds = max(r.get("rounds") or 1 for r in group)
+            lines.append(f"stbench: the samples cannot tell {', '.join(tied)} apart from {_label(fastest)} "
+                         f"({rounds} round(s)); treat them as equally fast, or measure with more --rounds")
     return lines

@@ -55,14 +55,19 @@ class DatasetConfig:
     resolution: int = 64
     max_shapes: int = 3
     heldout: int = 16
+    width: int | None = None  # frame width when not square (`resolution` is then the height)
 
     def __post_init__(self):
-        for name in ("frames", "resolution", "max_shapes", "heldout"):
-            if getattr(self, name) < 1:
+        for name in ("frames", "resolution", "max_shapes", "heldout", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
-    def describe(self) -> dict:
-        return {"name": "moving-shapes", **asdict(self)}
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return self.resolution, self.width or self.resolution
+
+    def describe(self) -> dict:  # square clips are described as before non-square ones existed
+        return {"name": "moving-shapes", **{k: v for k, v in asdict(self).items() if k != "width" or v is not None}}
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -93,12 +98,18 @@ def _bounce(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return low + span - (y - span).abs()
 
 
-def render(specs: list[ShapeSpec], frames: int, resolution: int) -> torch.Tensor:  # -> (3, F, H, W) in [-1, 1]
-    """Draw the shapes frame by frame; later shapes cover earlier ones (occlusion)."""
-    coords = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
-    ys, xs = coords.view(1, -1, 1), coords.view(1, 1, -1)  # (1, H, 1), (1, 1, W)
+def render(specs: list[ShapeSpec], frames: int, resolution: int,
+           width: int | None = None) -> torch.Tensor:  # -> (3, F, H, W) in [-1, 1]
+    """Draw the shapes frame by frame; later shapes cover earlier ones (occlusion). Positions and sizes are
+    fractions of each side (`resolution` is the height; `width` defaults to it)."""
+    width = width or resolution
+
+    def coords(n: int) -> torch.Tensor:
+        return (torch.arange(n, dtype=torch.float32) + 0.5) / n
+
+    ys, xs = coords(resolution).view(1, -1, 1), coords(width).view(1, 1, -1)  # (1, H, 1), (1, 1, W)
     t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1)  # (F, 1, 1)
-    clip = torch.full((3, frames, resolution, resolution), BACKGROUND)
+    clip = torch.full((3, frames, resolution, width), BACKGROUND)
     for s in specs:
         r = SIZES[s.size]
         dx, dy = DIRECTIONS[s.direction]
@@ -142,14 +153,16 @@ class LatentEncoder:
     not trained: it preserves colour, position and motion at latent resolution, as a VAE's latents do.
     """
 
-    def __init__(self, latent_shape: tuple[int, ...], frames: int, resolution: int, causal: bool = False):
+    def __init__(self, latent_shape: tuple[int, ...], frames: int, resolution: int, causal: bool = False,
+                 width: int | None = None):
         _, self.channels, self.frames, self.h, self.w = latent_shape
         # A causal video VAE (Wan, CogVideoX, ...) encodes the first frame alone, then groups of tf frames:
         # F = 1 + (f - 1) tf. Its first latent frame reads tf - 1 copies of frame 0 before frame 0 itself.
         self.pad = (frames - 1) // (self.frames - 1) - 1 if causal and self.frames > 1 else 0
-        if (frames + self.pad) % self.frames or resolution % self.h or resolution % self.w:
-            raise ValueError(f"latent shape {latent_shape} does not divide a {frames}x{resolution}x{resolution} clip")
-        self.tf, self.sh, self.sw = (frames + self.pad) // self.frames, resolution // self.h, resolution // self.w
+        width = width or resolution
+        if (frames + self.pad) % self.frames or resolution % self.h or width % self.w:
+            raise ValueError(f"latent shape {latent_shape} does not divide a {frames}x{resolution}x{width} clip")
+        self.tf, self.sh, self.sw = (frames + self.pad) // self.frames, resolution // self.h, width // self.w
         patch = 3 * self.tf * self.sh * self.sw
         if self.channels > patch:
             raise ValueError(f"{self.channels} latent channels exceed the {patch} values of a pixel patch")
@@ -182,18 +195,18 @@ class MovingShapes:
 
     def __init__(self, config: DatasetConfig, model):
         self.config = config
-        shape = model.latent_shape(1, config.frames, config.resolution, config.resolution)
+        shape = model.latent_shape(1, config.frames, *config.frame_hw)
         self.encoder = LatentEncoder(shape, config.frames, config.resolution,
-                                     causal=getattr(model, "temporal_compression", 1) > 1)
+                                     causal=getattr(model, "temporal_compression", 1) > 1, width=config.width)
         self.encoder.calibrate(torch.stack([self.clip("calibration", i) for i in range(CALIBRATION_CLIPS)]))
         self.text = TextEmbedder(model.text_tokens, model.text_dim)
 
     def clip(self, split: str, index: int) -> torch.Tensor:  # -> (3, F, H, W)
-        return render(sample_shapes(self.config, split, index), self.config.frames, self.config.resolution)
+        return render(sample_shapes(self.config, split, index), self.config.frames, *self.config.frame_hw)
 
     def examples(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor]:  # -> (N,C,f,h,w), (N,L,D)
         specs = [sample_shapes(self.config, split, i) for i in indices]
-        clips = torch.stack([render(s, self.config.frames, self.config.resolution) for s in specs])
+        clips = torch.stack([render(s, self.config.frames, *self.config.frame_hw) for s in specs])
         return self.encoder.encode(clips), torch.stack([self.text(caption(s)) for s in specs])
 
     def train_batch(self, step: int, batch: int) -> VideoBatch:

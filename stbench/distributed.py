@@ -88,6 +88,8 @@ class FailureWatch:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():  # joined: a store call in flight while the process group goes away can abort
+            self._thread.join(timeout=10 * POLL_S)
 
     def publish(self, message: str) -> None:
         if self.store is not None:
@@ -147,13 +149,14 @@ def check_case(case: Case, world: int) -> None:
     import architectures
 
     config = case.model_config()
-    tokens = architectures.get(case.arch).tokens(config, case.frames, case.resolution, case.resolution)
+    tokens = architectures.get(case.arch).tokens(config, case.frames, *case.frame_hw)
     if tokens % world:
         raise ValueError(f"{tokens} video tokens do not split over {world} context-parallel ranks; pick "
                          f"frames/resolution whose token count is a multiple of {world}")
     if case.context_parallel == "ring" and config.attention == "dsv" and (tokens // world) % config.block_size:
         raise ValueError(f"ring + dsv: {tokens // world} tokens per rank is not a multiple of block_size "
-                         f"{config.block_size} (--set block_size=...)")
+                         f"{config.block_size}; pick frames/resolution with whole blocks per rank, or "
+                         f"--set block_size=...")
     if case.context_parallel == "ring" and config.attention not in ("full", "dsv"):
         raise ValueError(f"ring context parallelism supports full and dsv self-attention, not attention "
                          f"{config.attention!r}; use ulysses")
@@ -166,6 +169,11 @@ def check_layout(case: Case, world: int) -> None:
     cp = layout_of(case, world).cp if case.fsdp is not None else world
     if cp > 1:
         check_case(case, cp)
+    if cp > 1 and case.fsdp is not None and getattr(case.model_config(), "attention", None) == "dsv":
+        # DSV's estimators step on their own gradients, which context parallelism averages over its ranks; under
+        # FSDP2 they are sharded DTensors that this average cannot flatten (the step failed on gloo, issue 23)
+        raise ValueError("DSV attention with --fsdp and --context-parallel together is not supported (its "
+                         "estimators' gradients are FSDP-sharded); use --context-parallel or --fsdp alone")
 
 
 def check_sweep(sweep: Sweep, world: int) -> None:

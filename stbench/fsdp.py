@@ -14,6 +14,7 @@ from .config import Case
 from .measure import env, memory, sequence
 from .parallel import fsdp as fsdp_lib
 from .ranks import gather_records, merge_ranks
+from .regimes import input_dtype, make_optimizer
 
 
 def layout_of(case: Case, world: int) -> fsdp_lib.FSDPLayout:
@@ -51,9 +52,9 @@ def shard_step(step, layout: fsdp_lib.FSDPLayout, mesh, context_parallel: str | 
     fsdp_lib.apply_fsdp(model, mesh, layout, cp)
     lr = step.optimizer.defaults["lr"]
     step.trainable = model.trainable_parameters()
-    step.optimizer = torch.optim.AdamW(step.trainable, lr=lr)
-    step.batch = model.make_batch(case.batch, case.frames, case.resolution, case.resolution, device=step.device,
-                                  seed=mesh.get_local_rank("fsdp"))
+    step.optimizer = make_optimizer(case, step.trainable, lr=lr)
+    step.batch = model.make_batch(case.batch, case.frames, *case.frame_hw, device=step.device,
+                                  dtype=input_dtype(case), seed=mesh.get_local_rank("fsdp"))
     return cp
 
 
@@ -84,7 +85,8 @@ def measure_rank_fsdp(case: Case, *, repeats: int, warmup: int, world: int) -> d
     step = sequence.measure_case(case, record, repeats=repeats, warmup=warmup, prepare=prepare,
                                  after_warmup=after_warmup, settle=False)  # ranks must run the same steps
     # this rank's shards (padding included), not the global sizes the DTensors report
-    record["param_bytes"] = memory.tensor_bytes(step.model.parameters())
+    record["param_bytes"] = memory.tensor_bytes(step.model.parameters()) + (  # + resident encoders, unsharded
+        memory.tensor_bytes(step.encoders.parameters()) if step.encoders is not None else 0)
     record["grad_bytes"] = memory.tensor_bytes(step.trainable)
     record["optimizer_bytes"] = memory.tensor_bytes(
         v for s in step.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))

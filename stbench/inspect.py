@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 import architectures
 
-from .config import DTYPES, TORCH_DTYPES, Case, parse_set_options
+from .config import DTYPES, TORCH_DTYPES, Case, frame_fields, parse_set_options
 from .errors import UserError
-from .overrides import comma_list
+from .overrides import comma_list, one_resolution
 from .measure.activations import SavedTensorCounter
 
 GROUPS = ("spatial", "temporal", "estimator")
@@ -30,7 +30,8 @@ GROUPS = ("spatial", "temporal", "estimator")
 def add_arguments(parser):
     parser.add_argument("--arch", required=True, help="comma-separated architectures; ratios are vs the first")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--resolution", type=int, default=64, help="square frame size in pixels")
+    parser.add_argument("--resolution", default="64", help="frame size in pixels: one number is square, HxW is "
+                        "height x width, e.g. 480x832 (default 64)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--mode", default="temporal", help="temporal (spatial frozen) or full")
@@ -122,7 +123,7 @@ def inspect_arch(case: Case, device: str, dtype: str, params_only: bool) -> dict
     model = model.to(TORCH_DTYPES[dtype]).set_training_mode(case.mode)
     row = {"arch": case.arch, "params": count_parameters(model)}
     if not params_only:
-        batch = model.make_batch(case.batch, case.frames, case.resolution, case.resolution, device=device,
+        batch = model.make_batch(case.batch, case.frames, *case.frame_hw, device=device,
                                  dtype=TORCH_DTYPES[dtype])
         model.train()
         row["saved"] = saved_bytes_by_group(model, lambda: model.loss(batch))
@@ -172,11 +173,12 @@ def execute(args) -> int:
     overrides = parse_set_options(args.set)
     # Case validates arch, preset, mode, shape, dtype and overrides; meta is checked like cpu
     cases = [Case(arch=a, preset=args.preset, mode=args.mode, batch=args.batch, frames=args.frames,
-                  resolution=args.resolution, dtype=args.dtype, device="cpu" if device == "meta" else device,
+                  **frame_fields(one_resolution(args.resolution)), dtype=args.dtype,
+                  device="cpu" if device == "meta" else device,
                   overrides=overrides) for a in archs]
     rows = [inspect_arch(case, device, args.dtype, args.params_only) for case in cases]
     what = "" if args.params_only else (f", saved for backward by one training forward at {args.batch}x"
-                                        f"{args.frames}x{args.resolution}x{args.resolution}, {args.dtype}")
+                                        f"{args.frames}x{'x'.join(map(str, cases[0].frame_hw))}, {args.dtype}")
     print(f"preset {args.preset}, mode {args.mode}, device {device}{what}")
     print(format_table(rows))
     return 0

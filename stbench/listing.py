@@ -32,7 +32,7 @@ def describe(arch: str, with_params: bool = True) -> dict:
     default = {"dit": (_dit_attention(spec),) if spec.family == "dit" else (), "user": ("the model's own",)}
     attention = spec.attention or default.get(spec.family) or ("full",)
     return {"arch": arch, "family": spec.family, "presets": presets, "attention": attention, "modes": spec.modes,
-            "description": spec.description}
+            "description": spec.description, "lora_targets": spec.lora_targets}
 
 
 def _dit_attention(spec) -> str:  # the home-made DiT names its default attention kind per architecture
@@ -45,7 +45,8 @@ def format_listing(rows: list[dict]) -> str:
         presets = ", ".join(p if n is None else f"{p} ({_count(n)} = {n:,})" for p, n in r["presets"].items())
         lines += [f"{r['arch']}  [{r['family']}]  {r['description']}",
                   f"    presets: {presets}",
-                  f"    attention: {', '.join(r['attention'])}    modes: {', '.join(r['modes'])}"]
+                  f"    attention: {', '.join(r['attention'])}    modes: {', '.join(r['modes'])}    "
+                  f"lora targets: {','.join(r['lora_targets'])}"]
     return "\n".join(lines)
 
 

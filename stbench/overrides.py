@@ -21,6 +21,30 @@ def comma_list(text: str, name: str, kind: type = int) -> tuple:
     return values
 
 
+def resolution_list(text: str) -> tuple[int | tuple[int, int], ...]:
+    """`"64,480x832"` -> (64, (480, 832)): square sizes or HEIGHTxWIDTH in pixels; UserError on a bad entry."""
+    sizes = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        sides = part.lower().split("x")
+        if len(sides) > 2 or not all(s.strip().isdigit() for s in sides):
+            raise UserError(f"resolution: {part!r} is not a size in pixels or HEIGHTxWIDTH (e.g. 64 or 480x832)")
+        values = tuple(int(s) for s in sides)
+        sizes.append(values[0] if len(values) == 1 or values[0] == values[1] else values)
+    if not sizes:
+        raise UserError("resolution: empty")
+    return tuple(sizes)
+
+
+def one_resolution(text: str) -> int | tuple[int, int]:
+    """One frame size: `"256"` -> 256, `"480x832"` -> (480, 832)."""
+    sizes = resolution_list(text)
+    if len(sizes) != 1:
+        raise UserError(f"resolution: one size expected (e.g. 256 or 480x832), got {text!r}")
+    return sizes[0]
+
+
 def _parse_scalar(text: str, kind: type, key: str):
     try:
         if kind is bool:

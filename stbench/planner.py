@@ -21,11 +21,13 @@ from pathlib import Path
 import architectures
 
 from . import results, runfolder
-from .config import ACTIVATION_CHECKPOINTING, CONTEXT_PARALLEL, DTYPES, Case, json_settings, parse_set_options
+from .config import (ACTIVATION_CHECKPOINTING, CONTEXT_PARALLEL, DTYPES, Case, frame_fields, json_settings,
+                     parse_set_options)
 from .errors import UserError
-from .overrides import comma_list
+from .overrides import comma_list, one_resolution
 from .predict import hardware as hw
 from .predict.command import Predictor
+from .regimes import add_regime_arguments, regime_flags, regime_settings
 from .runner import fsdp_settings
 from .units import format_bytes
 
@@ -115,8 +117,9 @@ def _last_line(text) -> str:
 
 
 def render(rows: list[Row], base: Case, gpus: int, target: hw.Hardware) -> str:
-    lines = [f"plan (PREDICTED, not measured): {base.arch} {base.preset} {base.mode} {base.resolution}px x"
-             f"{base.frames} b{base.batch} per FSDP rank, {base.dtype}, on {gpus} x {target.label}",
+    lines = [f"plan (PREDICTED, not measured): {base.arch} {base.preset} {base.mode} {base.resolution_label}px x"
+             f"{base.frames} b{base.batch} per FSDP rank, {base.dtype}"
+             + "".join(f" {f}" for f in regime_flags(base)) + f", on {gpus} x {target.label}",
              f"  {'layout':44s} {'peak/rank':>10s} {'step ms':>9s} {'no-overlap':>10s} {'samples/s':>9s} "
              f"{'sent/rank/step':>14s}"]
     best = next((r for r in rows if r.samples_per_s is not None), None)
@@ -138,7 +141,8 @@ def render(rows: list[Row], base: Case, gpus: int, target: hw.Hardware) -> str:
     if best is not None:
         lines.append(f"recommended (predicted): {best.layout.name}: {best.samples_per_s:.2f} samples/s, "
                      f"{format_bytes(best.record['predicted']['peak_bytes'])} per GPU; run it with "
-                     f"`torchrun --nproc-per-node {gpus} -m stbench run {_run_flags(best.layout)} ...`")
+                     f"`torchrun --nproc-per-node {gpus} -m stbench run "
+                     f"{' '.join([_run_flags(best.layout), *regime_flags(base)])} ...`")
     else:
         lines.append("recommended: none: no runnable layout is predicted to fit (or the hardware has no time model)")
     lines.append("  *: fastest runnable layout that fits; x: stbench cannot run it; step: kernels' roofline with "
@@ -160,7 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="one architecture (see `stbench list`)")
     parser.add_argument("--preset", default="tiny", help="size preset (default tiny)")
     parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES)
-    parser.add_argument("--resolution", type=int, default=256, help="square size in pixels (default 256)")
+    parser.add_argument("--resolution", default="256", help="frame size in pixels: one number is square, HxW "
+                        "is height x width, e.g. 480x832 (default 256)")
     parser.add_argument("--frames", type=int, default=16, help="frames (default 16)")
     parser.add_argument("--batch", type=int, default=1, help="batch per FSDP rank (default 1)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="autocast dtype (default bf16)")
@@ -171,6 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated choices to consider (default none,blocks)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (repeatable)")
+    add_regime_arguments(parser, checkpointing=False)  # plan's --activation-checkpointing lists choices
     parser.add_argument("--resume", action="store_true", help="reuse the predictions already in OUT")
     parser.add_argument("--out", default=None, help="run folder for the predictions and plan.txt "
                         "(default: runs/plan-<arch>-<gpus>)")
@@ -187,7 +193,9 @@ def execute(args: argparse.Namespace) -> int:
         raise UserError(f"activation-checkpointing: {bad[0]!r} is not legal; legal: "
                         f"{', '.join(ACTIVATION_CHECKPOINTING)}")
     base = Case(arch=args.arch, preset=args.preset, mode=args.mode, batch=args.batch, frames=args.frames,
-                resolution=args.resolution, dtype=args.dtype, device="cpu", overrides=parse_set_options(args.set))
+                **frame_fields(one_resolution(args.resolution)), dtype=args.dtype, device="cpu",
+                overrides=parse_set_options(args.set),
+                **regime_settings(args))
     target = hw.get(args.hardware)
     out = Path(args.out or f"runs/plan-{args.arch}-{args.gpus}")
     command = shlex.join(["python", "-m", "stbench", *(getattr(args, "argv", None) or sys.argv[1:])])

@@ -51,6 +51,15 @@ class Record:
     fsdp_reshard_after_forward: typing.Optional[bool] = field(default=None, metadata=IDENTITY)
     fsdp_mixed_precision: typing.Optional[bool] = field(default=None, metadata=IDENTITY)  # bf16 params, fp32 reduce
     weights: typing.Optional[str] = field(default=None, metadata=IDENTITY)  # None: random; "trained"; a path
+    # training regimes (issue 21); a record written before them reads as their defaults, under its old key
+    lora: typing.Optional[dict] = field(default=None, metadata=IDENTITY)  # {rank, targets}; None: no LoRA
+    param_dtype: str = field(default="fp32", metadata=IDENTITY)  # fp32 | bf16 weights, gradients, optimizer
+    optimizer: str = field(default="adamw", metadata=IDENTITY)  # adamw | adamw8bit
+    encoders: str = field(default="precomputed", metadata=IDENTITY)  # precomputed | resident
+    # frame height and width in pixels (--resolution HxW; `resolution` is the height); out of the case key when
+    # square, so records written before them (None) and square ones keep their keys
+    height: typing.Optional[int] = field(default=None, metadata=SHAPE)
+    width: typing.Optional[int] = field(default=None, metadata=SHAPE)
     status: str = ""  # ok | oom | error
     error: typing.Optional[str] = None
     # time (milliseconds): statistics of the measured steps, raw samples kept
@@ -114,8 +123,12 @@ SHAPE_FIELDS = tuple(f.name for f in _FIELDS if f.metadata.get("shape"))
 MATCH_FIELDS = tuple(n for n in IDENTITY_FIELDS if n not in ("arch", "overrides"))
 # A sweep's fixed settings: records sharing them go into one figure.
 GROUP_FIELDS = tuple(n for n in MATCH_FIELDS if n not in SHAPE_FIELDS)
+# Identity fields added after records were first written: a record without one reads as its default, and a
+# default value stays out of the case key, so older records keep their keys.
+LATER_IDENTITY = {f.name: f.default for f in _FIELDS if f.name in ("lora", "param_dtype", "optimizer", "encoders")}
 # Identity fields every readable record must carry, with their JSON type.
-REQUIRED = {n: _TYPES[n] for n in IDENTITY_FIELDS if _TYPES[n] in (str, int)} | {"status": str}
+REQUIRED = {n: _TYPES[n] for n in IDENTITY_FIELDS if _TYPES[n] in (str, int) and n not in LATER_IDENTITY} | {
+    "status": str}
 
 
 def new_record(identity: dict) -> dict:
@@ -130,14 +143,31 @@ def case_key(record: dict) -> str:
     ident = {name: record.get(name) for name in IDENTITY_FIELDS}
     ident["overrides"] = dict(sorted((ident["overrides"] or {}).items()))
     ident["world_size"] = ident["world_size"] or 1
+    for name, default in LATER_IDENTITY.items():
+        if ident[name] is None or ident[name] == default:
+            del ident[name]
+    if is_square(record):
+        del ident["height"], ident["width"]
     if record.get("predicted"):  # `stbench predict --hardware cpu` names the same device as a measured CPU case
         ident["predicted"] = True
     return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
 
+def is_square(record: dict) -> bool:
+    """Whether a record's frames are square (records without height/width are: they predate non-square frames)."""
+    return all(record.get(n) in (None, record.get("resolution")) for n in ("height", "width"))
+
+
+def resolution_label(record: dict) -> str:
+    """A record's frame size as shown: "64" when square, "480x832" (height x width) otherwise."""
+    if is_square(record):
+        return str(record["resolution"])
+    return f"{record.get('height') or record['resolution']}x{record.get('width') or record['resolution']}"
+
+
 def case_slug(record: dict) -> str:
     """A short, file-name-safe, readable id of a case: used for trace folders and pytest ids."""
-    parts = [record["arch"], record["preset"], record["mode"], f"r{record['resolution']}", f"f{record['frames']}",
+    parts = [record["arch"], record["preset"], record["mode"], f"r{resolution_label(record)}", f"f{record['frames']}",
              f"b{record['batch']}", record["dtype"], record["device"].replace(":", "")]
     if record.get("compile"):
         parts.append("compiled")
@@ -151,6 +181,13 @@ def case_slug(record: dict) -> str:
         parts.append(f"fsdp{record['fsdp']}of{record.get('world_size')}-ac={record.get('activation_checkpointing')}"
                      + ("-reshard" if record.get("fsdp_reshard_after_forward") else "")
                      + ("-mp" if record.get("fsdp_mixed_precision") else ""))
+    elif record.get("activation_checkpointing") not in (None, "none"):
+        parts.append(f"ac={record['activation_checkpointing']}")
+    if record.get("lora"):
+        parts.append(f"lora{record['lora']['rank']}={'+'.join(record['lora']['targets'])}")
+    for name, default in LATER_IDENTITY.items():
+        if name != "lora" and record.get(name) not in (None, default):
+            parts.append(f"{name}={record[name]}")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(str(p) for p in parts))
 
 
@@ -165,6 +202,23 @@ def layout_label(record: dict) -> str:
     if record.get("activation_checkpointing") not in (None, "none"):
         text += f", checkpointing {record['activation_checkpointing']}"
     return text + (", bf16 params" if record.get("fsdp_mixed_precision") else "")
+
+
+def regime_label(record: dict) -> str:
+    """'' for the default regime; else e.g. 'LoRA r32, bf16 params, adamw8bit, checkpointing blocks, resident
+    encoders' (checkpointing here only on one process: layout_label names it under FSDP)."""
+    parts = []
+    if record.get("lora"):
+        parts.append(f"LoRA r{record['lora']['rank']} on {','.join(record['lora']['targets'])}")
+    if record.get("param_dtype") not in (None, "fp32"):
+        parts.append(f"{record['param_dtype']} params")
+    if record.get("optimizer") not in (None, "adamw"):
+        parts.append(record["optimizer"])
+    if record.get("fsdp") is None and record.get("activation_checkpointing") not in (None, "none"):
+        parts.append(f"checkpointing {record['activation_checkpointing']}")
+    if record.get("encoders") not in (None, "precomputed"):
+        parts.append(f"{record['encoders']} encoders")
+    return ", ".join(parts)
 
 
 def append_record(path: str | os.PathLike, record: dict) -> None:
@@ -212,7 +266,11 @@ def read_records(run: str | os.PathLike, *, strict: bool = False) -> list[dict]:
         if record["schema"] > SCHEMA_VERSION:
             raise UserError(f"{path}:{number}: schema {record['schema']} is newer than this stbench "
                             f"({SCHEMA_VERSION}); upgrade stbench")
-        records.append({**{name: None for name in RECORD_FIELDS}, **record})
+        read = {**{name: None for name in RECORD_FIELDS}, **LATER_IDENTITY, **record}
+        for side in ("height", "width"):  # written before non-square frames: square, as every new square record
+            if read[side] is None:
+                read[side] = read["resolution"]
+        records.append(read)
     return records
 
 

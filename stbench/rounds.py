@@ -12,6 +12,19 @@ from typing import Callable, Iterator
 from .config import Case
 from .measure import flops, load, timing
 
+# `run --rounds` when one process measures two or more cases (else 1): the fewest rounds tried at which the
+# comparison of two cases 10% apart in step time reads "slower" in >= 80% of simulated runs (83.7%; equal cases
+# called different in 7.3%; 10 rounds: 78.0%), at --repeats 5 with the project's quiet-machine noise
+# (scripts/rounds_power.py; its output in reports/trust/rounds-power.txt). One round compares cases measured at
+# different times: load that falls on one of them alone reads as a difference (one round: 48.8% of equal pairs).
+DEFAULT_ROUNDS = 12
+
+
+def default_rounds(sweep) -> int:
+    """--rounds when not given: DEFAULT_ROUNDS for a comparison (two or more cases), 1 for a single case."""
+    return DEFAULT_ROUNDS if len(sweep.cases) > 1 else 1
+
+
 # Warnings recomputed from the pooled samples, so the per-round ones are dropped.
 TIMING_WARNINGS = ("few samples", "unstable timing")
 # Figures that may differ between rounds of one case: the largest is kept.

@@ -1,7 +1,7 @@
 """The run folder: where a run's results, invocations, traces and report live, and how they are found.
 
     RUN/results.jsonl        one record per case, appended and fsync'd as each case finishes
-    RUN/run.json             every command line that wrote into RUN, and the settings of the last one
+    RUN/run.json             every command line that wrote into RUN with its settings, and the settings of the last one
     RUN/traces/<case slug>/  torch.profiler traces and their summary.json (--trace)
     RUN/report.html          the report (python -m stbench.report RUN)
 """
@@ -68,7 +68,7 @@ def _write_run_file(out: Path, command: str, resume: bool, settings: dict) -> No
         except (OSError, json.JSONDecodeError):
             info = {}
     info.setdefault("command", command)
-    info["invocations"] = info.get("invocations", []) + [{"command": command, "time": utc_now()}]
+    info["invocations"] = info.get("invocations", []) + [{"command": command, "time": utc_now(), "settings": settings}]
     info["sweep"] = settings
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")

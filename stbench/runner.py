@@ -21,9 +21,11 @@ import torch
 import architectures
 
 from . import results, runfolder
-from .config import ACTIVATION_CHECKPOINTING, CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
+from .config import CONTEXT_PARALLEL, DTYPES, Case, Sweep, parse_set_options
 from .errors import UserError
-from .overrides import comma_list
+from .overrides import comma_list, resolution_list
+from .regimes import add_regime_arguments, regime_settings
+from .rounds import DEFAULT_ROUNDS, default_rounds
 from .measure import env, memory, sequence, timing
 from .units import format_bytes
 
@@ -251,7 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size preset: tiny (default), small, or a full-size one: sd15 (UNets), 0.8b or 2.7b "
                              "(DiTs); `stbench list` shows every architecture's")
     parser.add_argument("--resolution", default="64",
-                        help="comma-separated square sizes in pixels, multiples of 8 (default 64)")
+                        help="comma-separated frame sizes in pixels, multiples of 8: one number is square, HxW "
+                             "is height x width, e.g. 480x832 (default 64)")
     parser.add_argument("--frames", default="8", help="comma-separated frame counts (default 8)")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES,
@@ -271,9 +274,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/run-<UTC time>)")
     add_parallel_arguments(parser)
+    add_regime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="one line per case instead of a progress bar")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: every case --repeats steps per "
-                        "round, in a shuffled order, samples pooled (default 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds: every case --repeats steps per "
+                        f"round, in a shuffled order, samples pooled (default {DEFAULT_ROUNDS} when one process "
+                        "measures two or more cases, so that their comparison pairs by round; else 1)")
     parser.add_argument("--shuffle-seed", type=int, default=0, help="seed of the --rounds order (default 0)")
     parser.add_argument("--weights", default=None, metavar="trained|PATH",
                         help="start from the committed checkpoint of the family and preset, or a state dict file "
@@ -281,14 +286,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser, launched: str = "under torchrun") -> None:
-    """--context-parallel, --fsdp and FSDP's settings (shared by `run` and `predict`)."""
+    """--context-parallel, --fsdp and FSDP's settings (shared by `run` and `predict`; --activation-checkpointing
+    is a regime flag, stbench.regimes.add_regime_arguments)."""
     parser.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default=None,
                         help=f"sequence parallelism across ranks ({launched})")
     parser.add_argument("--fsdp", type=int, default=None, metavar="N",
                         help=f"{launched}: FSDP2 (fully_shard per block) with N data-parallel ranks; with "
                              "--context-parallel, N x CP = world size on one 2D device mesh")
-    parser.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default=None,
-                        help="with --fsdp: recompute the activations of every block, or of the spatial layers")
     parser.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
                         help="with --fsdp: free gathered parameters after forward, gather again in backward "
                              "(FSDP2's default: on)")
@@ -304,11 +308,12 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         raise UserError(f"device: {device!r} does not exist; legal: cuda:0..cuda:{torch.cuda.device_count() - 1}")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     archs = comma_list(args.arch, "arch", str)
-    return Sweep(archs=archs, resolutions=comma_list(args.resolution, "resolution"),
+    return Sweep(archs=archs, resolutions=resolution_list(args.resolution),
                  frames=comma_list(args.frames, "frames"), batches=comma_list(args.batch, "batch"),
                  preset=args.preset, mode=args.mode, dtype=dtype, device=device, compile=args.compile,
                  overrides=parse_set_options(args.set), context_parallel=args.context_parallel,
-                 repeats=args.repeats, warmup=args.warmup, weights=getattr(args, "weights", None), **fsdp_settings(args))
+                 repeats=args.repeats, warmup=args.warmup, weights=getattr(args, "weights", None), **fsdp_settings(args),
+                 **regime_settings(args))
 
 
 def fsdp_settings(args: argparse.Namespace) -> dict:
@@ -326,8 +331,9 @@ def fsdp_settings(args: argparse.Namespace) -> dict:
 
 def execute(args: argparse.Namespace) -> int:
     sweep = sweep_from_args(args)
-    if args.rounds < 1:
-        raise UserError(f"--rounds: must be >= 1, got {args.rounds}")
+    rounds = default_rounds(sweep) if args.rounds is None else args.rounds
+    if rounds < 1:
+        raise UserError(f"--rounds: must be >= 1, got {rounds}")
     out = Path(args.out or f"runs/run-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit():
@@ -336,7 +342,7 @@ def execute(args: argparse.Namespace) -> int:
     if int(world) > 1 or (sweep.fsdp is not None and "MASTER_ADDR" in os.environ):
         from .distributed import run_sweep_distributed
 
-        if args.rounds > 1:
+        if args.rounds is not None and args.rounds > 1:
             raise UserError("--rounds: not supported with torchrun (context-parallel) runs; use --repeats")
         return run_sweep_distributed(sweep, out, args)
     if sweep.fsdp is not None:
@@ -352,7 +358,7 @@ def execute(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
     records = run_sweep(sweep, out, resume=args.resume, isolate=args.isolate, trace=args.trace,
-                        progress=not args.no_progress, command=command, rounds=args.rounds, seed=args.shuffle_seed)
+                        progress=not args.no_progress, command=command, rounds=rounds, seed=args.shuffle_seed)
     from .closing import closing_lines
 
     for line in closing_lines(records, len(sweep.cases) - len(records), out, trace=args.trace):

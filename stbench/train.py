@@ -19,7 +19,7 @@ import torch
 import architectures
 from architectures.base import VideoModel
 
-from . import results, runfolder, runner
+from . import regimes, results, runfolder, runner
 from .config import Case
 from .data import DatasetConfig, MovingShapes
 from .errors import UserError
@@ -29,8 +29,8 @@ from .weights import save_checkpoint, share_initial_weights
 
 TIMED_AFTER = 2  # step_ms_* summarise steps after the first two (allocation, lazy init), as run's warm-up
 # run's flags that train does not take, with their defaults
-RUN_ONLY = {"repeats": 5, "warmup": 2, "trace": False, "context_parallel": None, "rounds": 1, "shuffle_seed": 0,
-            "fsdp": None, "activation_checkpointing": None, "fsdp_reshard_after_forward": None,
+RUN_ONLY = {"repeats": 5, "warmup": 2, "trace": False, "context_parallel": None, "rounds": None, "shuffle_seed": 0,
+            "fsdp": None, "fsdp_reshard_after_forward": None,
             "fsdp_mixed_precision": False, "trace_memory": False}
 
 
@@ -49,13 +49,15 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
     from .step import TrainingStep  # noqa: local so `--help` stays fast
 
     device = torch.device(case.device)
-    step = TrainingStep(case, seed=seed, lr=lr)  # loads case.weights
+    # loads case.weights; otherwise the family's shared initial weights, set before any LoRA adapter is added
+    step = TrainingStep(case, seed=seed, lr=lr,
+                        init=None if case.weights is not None else lambda m: share_initial_weights(m, case, seed))
     model = step.model
-    if case.weights is None:
-        share_initial_weights(model, case, seed)
-    dataset = DatasetConfig(seed=seed, frames=case.frames, resolution=case.resolution, heldout=heldout)
+    dataset = DatasetConfig(seed=seed, frames=case.frames, resolution=case.resolution, heldout=heldout,
+                            width=case.width)
     data = MovingShapes(dataset, model)
-    held = [b.to(device=device) for b in data.heldout_batches(case.batch)]
+    dtype = regimes.input_dtype(case)  # bf16 weights read bf16 latents and text
+    held = [b.to(device=device, dtype=dtype) for b in data.heldout_batches(case.batch)]
     sequence.model_sizes(record, step)
     record["warmup"] = 0
 
@@ -63,7 +65,7 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
     losses, wall_ms, step_ms, elapsed = [], [], [], 0.0
     memory.reset_peaks(device)
     for i in range(steps):
-        step.batch = data.train_batch(i, case.batch).to(device=device)
+        step.batch = data.train_batch(i, case.batch).to(device=device, dtype=dtype)
         start = time.perf_counter()
         loss = step()  # forward, backward, optimizer step; synchronised
         took = time.perf_counter() - start
@@ -85,7 +87,7 @@ def _train(case: Case, record: dict, *, steps: int, eval_every: int, seed: int, 
         save_checkpoint(model, save, {
             "family": architectures.get(case.arch).family, "preset": case.preset, "arch": case.arch,
             "mode": case.mode, "overrides": case.override_dict, "steps": steps, "seed": seed, "lr": lr,
-            "frames": case.frames, "resolution": case.resolution, "batch": case.batch,
+            "frames": case.frames, "resolution": case.resolution, "width": case.width, "batch": case.batch,
             "heldout_loss": evals[-1][1], "command": command})
         record["train"]["saved"] = str(save)
     # the model's own figures on the trained weights (DSV: the sparsity its profiler found, per layer and head)
@@ -153,6 +155,8 @@ def execute(args: argparse.Namespace) -> int:
     sweep = runner.sweep_from_args(args)
     if args.save and len(sweep.cases) != 1:
         raise UserError(f"--save: needs exactly one case, got {len(sweep.cases)}")
+    if args.save and sweep.lora is not None:  # the state dict would hold peft's adapter names, not the model's
+        raise UserError("--save: not with --lora (a checkpoint holds the model's own weights)")
     out = Path(args.out or f"runs/train-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
     argv = getattr(args, "argv", None)
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])

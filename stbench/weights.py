@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import architectures
+from architectures.attention.dsv import DSVAttention
 
 from .overrides import parse_override_value
 from .errors import UserError
@@ -18,6 +19,7 @@ TRAINED = "trained"
 # the architecture whose parameters a family's checkpoint holds; others load the names they share with it
 REFERENCE_ARCH = {"unet": "serial-unet", "dit": "dit-full"}
 SHOWN_KEYS = 3
+DSV_OWN_STATE = ("q_estimator", "k_estimator", "profiled_sparsity", "profile_updates")  # DSVAttention's own state
 
 
 def checkpoint_path(arch: str, preset: str) -> Path:
@@ -81,20 +83,32 @@ def reference_arch(case: Case) -> str:
     return ref if architectures.get(ref).config_cls is arch.config_cls else case.arch
 
 
-def _meta_state(arch: str, config) -> dict[str, torch.Size]:
+def _meta_model(arch: str, config):
     with torch.device("meta"):
-        model = architectures.get(arch).build(config)
-    return {k: v.shape for k, v in model.state_dict().items()}
+        return architectures.get(arch).build(config)
+
+
+def _meta_state(arch: str, config) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in _meta_model(arch, config).state_dict().items()}
+
+
+def dsv_state_names(model) -> frozenset:
+    """State-dict names of every DSV layer's estimator parameters and profile buffers: what a dense model's
+    checkpoint lacks and DSV learns itself (its workflow starts from a dense model, arXiv 2502.07590)."""
+    return frozenset(f"{name}.{key}" for name, m in model.named_modules() if isinstance(m, DSVAttention)
+                     for key in DSV_OWN_STATE)
 
 
 @functools.lru_cache(maxsize=32)
-def _expected(case: Case) -> tuple[dict, frozenset]:
-    """Parameter shapes of the case's model, and the names its family's checkpoint need not hold (additions
-    such as the ladder's bridges or DSV's estimators, which start from their own initialisation)."""
-    own = _meta_state(case.arch, case.model_config())
+def _expected(case: Case) -> tuple[dict, frozenset, frozenset]:
+    """Parameter shapes of the case's model, the names its family's checkpoint need not hold (additions
+    such as the ladder's bridges or DSV's estimators, which start from their own initialisation), and the names
+    of its DSV state (estimators and profiles), which a dense checkpoint of the same architecture lacks."""
+    model = _meta_model(case.arch, case.model_config())
+    own = {k: v.shape for k, v in model.state_dict().items()}
     ref = reference_arch(case)
     shared = own if ref == case.arch else _meta_state(ref, _config(ref, case))
-    return own, frozenset(set(own) - set(shared))
+    return own, frozenset(set(own) - set(shared)), dsv_state_names(model)
 
 
 def _names(keys) -> str:
@@ -104,6 +118,11 @@ def _names(keys) -> str:
 
 def validate(case: Case) -> dict:
     """The checkpoint's state dict after checking it fits the case; a UserError naming the problem if not."""
+    return _checked(case)[0]
+
+
+def _checked(case: Case) -> tuple[dict, frozenset]:
+    """(state dict, the DSV state names it lacks and that start fresh) after checking it fits the case."""
     path = resolve(case)
     state, meta = read_checkpoint(path)
     family = architectures.get(case.arch).family
@@ -111,9 +130,13 @@ def validate(case: Case) -> dict:
     if meta.get("family") not in (None, family) or meta.get("preset") not in (None, case.preset):
         raise UserError(f"{label}: checkpoint of the {meta.get('family')} family, preset {meta.get('preset')}; "
                         f"{case.arch} needs family {family}, preset {case.preset}")
-    own, additions = _expected(case)
+    own, additions, dsv = _expected(case)
     unexpected = set(state) - set(own)
-    missing = set(own) - set(state) - additions
+    fresh = dsv - set(state)
+    if fresh and fresh != dsv and not fresh <= additions:  # some layers' DSV state but not all: not a dense model's
+        raise UserError(f"{label}: keys of {case.arch} ({case.preset}) missing: {_names(fresh)} (the checkpoint "
+                        f"holds DSV state for other layers; a dense checkpoint holds none)")
+    missing = set(own) - set(state) - additions - fresh
     wrong = [k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k])]
     if unexpected:
         raise UserError(f"{label}: keys not in {case.arch} ({case.preset}): {_names(unexpected)}")
@@ -123,14 +146,24 @@ def validate(case: Case) -> dict:
         k = sorted(wrong)[0]
         raise UserError(f"{label}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}, "
                         f"{case.arch} {tuple(own[k])} ({len(wrong)} key(s) differ)")
-    return state
+    return state, frozenset(fresh)
 
 
 def load_weights(model, case: Case) -> None:
     """Load `case.weights` into `model`; every checkpoint key is used, only the architecture's additions keep
-    their initialisation."""
-    result = model.load_state_dict(validate(case), strict=False)
+    their initialisation. DSV state the checkpoint lacks (a dense model's) starts fresh, and every DSV layer's
+    warnings, which reach the case's record, say so."""
+    state, fresh = _checked(case)
+    result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # validate() checked; a model built differently
+    if fresh:
+        layers = {name.rsplit(".", 1)[0] for name in fresh}
+        note = (f"weights: {case.weights} holds no DSV estimator or sparsity profile for {len(layers)} layer(s) "
+                f"(a dense model's checkpoint): they start fresh (random estimator, empty profile), as DSV "
+                f"training from a dense model does")
+        for name, m in model.named_modules():
+            if isinstance(m, DSVAttention) and note not in m.warnings:
+                m.warnings.append(note)
 
 
 def share_initial_weights(model, case: Case, seed: int) -> None:

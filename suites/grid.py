@@ -10,7 +10,7 @@ from stbench.errors import UserError
 
 UNET_ARCHS = ("serial-unet", "mobius-unet", "mobius-ladder-unet", "modelscope-unet")
 DIT_ARCHS = ("dit-full", "dit-window", "dit-serial-st", "dit-parallel-st", "dit-dsv")
-VIDEO_TRANSFORMER_ARCHS = ("wan", "cogvideox", "hunyuan-video", "ltx-video", "latte")
+VIDEO_TRANSFORMER_ARCHS = ("wan", "cogvideox", "hunyuan-video", "ltx-video", "latte", "mochi")
 FAMILY_ARCHS = {"unet": UNET_ARCHS, "dit": DIT_ARCHS, "video-transformer": VIDEO_TRANSFORMER_ARCHS}
 # UNets are measured in both Mobius settings; the DiTs (DSV) and the video transformers train every layer.
 FAMILY_MODES = {"unet": ("temporal", "full"), "dit": ("full",), "video-transformer": ("full",)}
@@ -20,7 +20,7 @@ FAMILY_MODES = {"unet": ("temporal", "full"), "dit": ("full",), "video-transform
 # because a Case has one resolution (their trained frames are 832x480 and 720x480).
 NATIVE_SHAPES = {
     "tiny": {"wan": ("tiny", 64, 9), "cogvideox": ("tiny", 64, 9), "hunyuan-video": ("tiny", 64, 9),
-             "ltx-video": ("tiny", 128, 9), "latte": ("tiny", 64, 8)},
+             "ltx-video": ("tiny", 128, 9), "latte": ("tiny", 64, 8), "mochi": ("tiny", 64, 7)},
     "full": {"wan": ("1.3b", 480, 81), "cogvideox": ("2b", 480, 49)},
 }
 GRIDS = ("tiny", "full")

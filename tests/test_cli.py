@@ -30,7 +30,7 @@ BAD_INPUTS = {
     "unknown arch": (["--arch", "no-such-net"], "arch: unknown architecture 'no-such-net'; legal:"),
     "unknown preset": (["--preset", "huge"], "preset: unknown preset 'huge' for toy-mlp; legal: tiny, small"),
     "resolution not x8": (["--resolution", "60"], "resolution: must be a multiple of 8, got 60"),
-    "resolution not int": (["--resolution", "64,x"], "resolution: expected comma-separated integers"),
+    "resolution not int": (["--resolution", "64,x"], "resolution: 'x' is not a size in pixels or HEIGHTxWIDTH"),
     "frames < 1": (["--frames", "0"], "frames: must be an integer >= 1, got 0"),
     "batch < 1": (["--batch", "1,0"], "batch: must be an integer >= 1, got 0"),
     "frames too many": (["--frames", "65"], "resolution/frames for toy-mlp: toy model takes at most 64 frames"),
@@ -107,7 +107,7 @@ def test_set_overrides_the_config_and_is_recorded(tmp_path, capsys):
 def test_sigkilled_sweep_resumes_with_every_case_exactly_once(tmp_path):
     out = tmp_path / "run"
     path = out / runfolder.RESULTS_FILE
-    args = [*RUN, "--batch", "1,2,3", "--resolution", "16,24", "--set", "sleep_ms=60", "--out", str(out)]
+    args = [*RUN, "--batch", "1,2,3", "--resolution", "16,24", "--set", "sleep_ms=60", "--rounds", "1", "--out", str(out)]
     child = subprocess.Popen(stbench_command(*args), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -137,7 +137,7 @@ def test_sigkilled_sweep_resumes_with_every_case_exactly_once(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     path = tmp_path / runfolder.RESULTS_FILE
-    args = [*RUN, "--batch", "1,2,3,4", "--set", "sleep_ms=100", "--out", str(tmp_path), "--isolate"]
+    args = [*RUN, "--batch", "1,2,3,4", "--set", "sleep_ms=100", "--rounds", "1", "--out", str(tmp_path), "--isolate"]
     # its own process group, like a terminal's foreground job: Ctrl-C reaches the runner and its case child.
     # SIGINT's default action restored: a test run started in the background of a shell inherits it ignored
     child = subprocess.Popen(stbench_command(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -152,9 +152,13 @@ DSV_SET = dict(block_size=16, sparsity=0.5, dense_steps=1, query_groups="raster"
 # so head placement is uneven and non-contiguous and per-head top-k differ
 DSV_UNEVEN = dict(block_size=16, dense_steps=1, heads=4, head_dim=16, query_groups="raster")
 PLANTED = [0.9, 0.0, 0.0, 0.8]
+# DSV at its defaults (64-token cube query groups, block_size 64) bar a forced sparsity so step 2 runs sparse:
+# 8 frames at 128 px are an (8, 8, 8) grid, one process's 4x4x4 cubes lie inside each rank's 4 frames but are
+# not runs of raster order, so each rank must regroup its tokens as one process does
+DSV_DEFAULTS = dict(sparsity=0.75, dense_steps=1)
 
 
-def _model_equivalence(mode, rank, world, frames=8, configs=None):
+def _model_equivalence(mode, rank, world, frames=8, configs=None, resolution=64):
     """Two training steps of a CP model and of a one-process copy, side by side on every rank."""
     import copy
 
@@ -165,7 +169,7 @@ def _model_equivalence(mode, rank, world, frames=8, configs=None):
     for arch, overrides in configs or (("dit-full", {}), ("dit-dsv", DSV_SET), ("dit-dsv", DSV_UNEVEN)):
         torch.manual_seed(0)
         model = architectures.build(arch, "tiny", **overrides).double().set_training_mode("full")
-        batch = model.make_batch(1, frames, 64, 64, dtype=torch.float64, seed=3)
+        batch = model.make_batch(1, frames, resolution, resolution, dtype=torch.float64, seed=3)
         reference = copy.deepcopy(model)
         cp = make_context_parallel(mode).attach(model)
         stepped = {}  # estimator gradients as each layer's own optimizer sees them (Adam would amplify noise)
@@ -204,6 +208,12 @@ def _model_equivalence(mode, rank, world, frames=8, configs=None):
             summary[f"{arch}/{step}"] = dict(cp.counter.bytes_by_kind)
         if overrides is DSV_SET:
             summary["sparse_heads"] = [int(m.sparse_heads(8).sum()) for m in model.dsv_layers()]
+        if overrides is DSV_DEFAULTS:
+            layers = model.dsv_layers()
+            summary["defaults"] = dict(sparse_heads=[int(m.last_sparse_heads.sum()) for m in layers],
+                                       warnings=[w for m in layers for w in m.warnings],
+                                       query_groups=[m.query_groups for m in layers],
+                                       orders=[sorted(str(key[0]) for key in m._orders) for m in layers])
         if overrides is DSV_UNEVEN:
             summary["uneven_sparse_heads"] = [m.sparse_heads(8).tolist() for m in model.dsv_layers()]
             summary["uneven_work"] = cp.expected_rank_work()
@@ -230,6 +240,50 @@ def test_context_parallel_step_equals_single_process(mode, tmp_path):
                                                 element_size=8),
             "tokens": (WORLD - 1) * 1 * (128 // WORLD) * 64 * 8,
             "grad_sync": grads * 2 * (WORLD - 1) // WORLD}
+
+
+def _ring_dsv_defaults(rank, world):
+    return _model_equivalence("ring", rank, world, configs=(("dit-dsv", DSV_DEFAULTS),), resolution=128)
+
+
+@pytest.mark.slow
+def test_ring_dsv_at_its_defaults_equals_single_process(tmp_path):
+    """Ring + DSV with cube query groups (the default): loss, gradients, estimator gradients and profiles equal
+    one process's (asserted on every rank inside), the sparse step ran sparse, and no note says otherwise."""
+    results = run_ranks(_ring_dsv_defaults, tmp_path)
+    for r in results:
+        assert r["defaults"]["query_groups"] == ["cube", "cube"]
+        assert r["defaults"]["sparse_heads"] == [2, 2]  # step 2: every head block-sparse (top-2 of 8 blocks)
+        assert r["defaults"]["warnings"] == []
+        assert r["defaults"]["orders"] == [["(8, 8, 8)", "ring"], ["(8, 8, 8)", "ring"]]  # cube order built, used
+        assert r["dit-dsv/1"]["attention"] > 0
+
+
+def test_ring_dsv_cubes_that_span_ranks_are_chosen_per_rank_and_noted():
+    """4 frames over 2 ranks: one process's 4x4x4 cubes would span both ranks; each rank groups its own 2 frames
+    into cubes of 64 tokens (a permutation of its tokens) and the record's warnings say so. With no cube of 64
+    inside a rank's tokens, raster order runs, also noted."""
+    from architectures.attention.dsv import DSVAttention
+
+    for rank in range(2):
+        cp = object.__new__(ring.RingParallel)
+        cp.rank, cp.world = rank, 2
+        attn = DSVAttention(64, 2, 32, query_groups="cube")
+        attn.grid = (4, 8, 8)
+        perm, inverse = cp._query_group_order(attn, 128, torch.device("cpu"))
+        assert sorted(perm.tolist()) == list(range(128)) and perm.tolist() != list(range(128))
+        assert torch.equal(perm[inverse], torch.arange(128))
+        assert attn.warnings == ["ring context parallelism: query groups are 2x4x8 cubes inside each rank's 2 "
+                                 "frames; one process's 4x4x4 cubes span ranks (--context-parallel ulysses keeps "
+                                 "them)"]
+        attn = DSVAttention(64, 2, 32, query_groups="cube")
+        attn.grid = (2, 8, 8)  # one frame per rank: no 64-token cube of (1, 8, 8) but the frame itself
+        perm, _ = cp._query_group_order(attn, 64, torch.device("cpu"))
+        assert perm.tolist() == list(range(64))
+        attn = DSVAttention(64, 2, 32, block_size=16, query_groups="cube")
+        attn.grid = (2, 4, 6)  # 24 tokens per rank: cubes of 16 of the 2x4x6 grid span ranks; none fits (1, 4, 6)
+        assert cp._query_group_order(attn, 24, torch.device("cpu")) is None
+        assert "raster query groups run" in attn.warnings[-1]
 
 
 @pytest.mark.slow
@@ -303,3 +357,34 @@ def test_lpt_head_placement_beats_round_robin_on_uneven_sparsity():
     assert max(cpm.rank_work(balanced, work)) < max(cpm.rank_work(round_robin, work))
     # equal work: LPT is an even split
     assert [len(h) for h in cpm.balance_heads([1.0] * 6, 3)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "dit-window", "--context-parallel", "ring"], "ring context parallelism supports full and dsv "
+                                                             "self-attention, not attention 'window'; use ulysses"),
+    (["--arch", "dit-serial-st", "--context-parallel", "ring"], "not attention 'serial'; use ulysses"),
+    (["--arch", "wan", "--mode", "full", "--frames", "29", "--set", "attention=window", "--context-parallel", "ring"],
+     "not attention 'window'; use ulysses"),
+    (["--arch", "dit-dsv", "--frames", "4", "--context-parallel", "ring"],
+     "ring + dsv: 32 tokens per rank is not a multiple of block_size 64; pick frames/resolution with whole "
+     "blocks per rank, or --set block_size=..."),
+    (["--arch", "dit-dsv", "--fsdp", "2", "--context-parallel", "ring"],
+     "DSV attention with --fsdp and --context-parallel together is not supported"),
+    (["--arch", "wan", "--mode", "full", "--frames", "29", "--set", "attention=dsv", "--fsdp", "2",
+      "--context-parallel", "ulysses"], "DSV attention with --fsdp and --context-parallel together"),
+])
+def test_combinations_that_cannot_run_are_refused_before_any_process_group(argv, message, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Under torchrun (WORLD_SIZE set) these end with one line and exit 2 before a process group is made; no
+    rendezvous is reachable here, so reaching init_process_group would fail differently."""
+    from stbench.cli import main
+
+    world = "4" if "--fsdp" in argv else "2"
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens: a process group could not form
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("process group made"))
+    assert main(["run", *argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stbench: error: --fsdp/--context-parallel for ") and message in err
+    assert not (tmp_path / "run").exists()

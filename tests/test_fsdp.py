@@ -267,8 +267,9 @@ def test_fsdp_needs_torchrun_and_its_settings_need_fsdp(capsys):
 
     assert main(["run", "--arch", "dit-full", "--device", "cpu", "--fsdp", "2", "--out", "/nonexistent/x"]) == 2
     assert "stbench: error: --fsdp: needs several processes" in capsys.readouterr().err
-    assert main(["run", "--arch", "dit-full", "--device", "cpu", "--activation-checkpointing", "blocks"]) == 2
-    assert "stbench: error: activation_checkpointing: only with --fsdp N" in capsys.readouterr().err
+    # (--activation-checkpointing runs on one process too: tests/test_regimes.py)
+    assert main(["run", "--arch", "dit-full", "--device", "cpu", "--fsdp-mixed-precision"]) == 2
+    assert "stbench: error: fsdp_mixed_precision: only with --fsdp N" in capsys.readouterr().err
 
 
 def _launch(tmp_path, world, args, extra_env=None, fixture=None):

@@ -36,8 +36,9 @@ def test_cheapest_at_equal_quality_with_ties_and_slower_ones():
     assert not ladder.same_quality and ladder.loss == 0.5
 
 
-def test_without_train_results_quality_is_assumed_and_said():
-    [rec] = recommend.recommend([_case("serial-unet", 100, seed=1), _case("mobius-unet", 130, seed=2)])
+def test_without_train_results_quality_is_assumed_and_said(tmp_path):
+    [rec] = recommend.recommend([_case("serial-unet", 100, seed=1), _case("mobius-unet", 130, seed=2)],
+                                committed_root=tmp_path)  # nothing committed either
     assert "assuming equal quality (this run holds no `stbench train` results)" in rec.text[0]
     assert rec.options[1].versus_best.verdict == "slower"
 
@@ -94,3 +95,67 @@ def test_forced_sparsity_flagged_in_comparisons_and_profiler_overhead_disclosed(
     summary.write_text(json.dumps(data))
     assert main([str(run)]) == 0
     assert "profiler overhead: traced steps +50%" in (run / "report.html").read_text()
+
+
+def _trained(arch, evals, **fields):
+    """A `stbench train` record (64px, batch 2: another case than the measured ones) with its evaluations."""
+    record = _case(arch, 300, frames=8, seed=len(arch), batch=2, **fields)
+    record["train"] = {"eval": evals, "losses": [0.2] * evals[-1][0], "wall_ms": [300.0 * (i + 1) for i in
+                                                                                 range(evals[-1][0])]}
+    return record
+
+
+SERIAL_EVALS = [[0, 0.1291], [25, 0.1244], [50, 0.1235]]  # reports/train/unet-tiny-finetune's first 50 steps
+LADDER_EVALS = [[0, 0.1291], [25, 0.1282], [50, 0.1278]]
+
+
+def test_never_recommends_an_architecture_that_missed_the_target_in_the_run(tmp_path):
+    measured = [_case("serial-unet", 100, seed=1), _case("mobius-ladder-unet", 60, seed=2)]  # ladder: faster
+    trained = [_trained("serial-unet", SERIAL_EVALS), _trained("mobius-ladder-unet", LADDER_EVALS)]
+    [rec] = recommend.recommend(measured + trained, committed_root=tmp_path)
+    best, ladder = rec.options
+    assert best.arch == "serial-unet" and ladder.missed and not best.missed
+    assert rec.text[0].startswith("UNET: train serial-unet: the cheapest at equal quality: the lowest cost to the "
+                                  "target held-out loss")
+    # 0.1291 - 0.9 x (0.1291 - 0.1235) = 0.12406, crossed between 25 (0.1244) and 50 (0.1235) steps
+    assert best.steps_to_target == pytest.approx(25 + 25 * (0.1244 - 0.12406) / (0.1244 - 0.1235))
+    assert best.cost_to_target_s == pytest.approx(best.steps_to_target * best.record["step_ms_median"] / 1e3)
+    assert any(t.startswith("Not recommended: mobius-ladder-unet did not reach the target held-out loss in this "
+                            "run's training") for t in rec.text)
+    assert rec.quality_source == "this run"
+
+
+def test_ranks_by_cost_to_the_target_not_by_step_time(tmp_path):
+    measured = [_case("serial-unet", 100, seed=1), _case("mobius-unet", 90, seed=2)]
+    slow_learner = [[0, 0.1291], [25, 0.1270], [50, 0.1235]]  # mobius reaches the target only at ~48 steps
+    trained = [_trained("serial-unet", SERIAL_EVALS), _trained("mobius-unet", slow_learner)]
+    [rec] = recommend.recommend(measured + trained, committed_root=tmp_path)
+    assert [o.arch for o in rec.options] == ["serial-unet", "mobius-unet"]  # cheaper per step, dearer to target
+    assert rec.options[0].cost_to_target_s < rec.options[1].cost_to_target_s
+
+
+def test_committed_training_results_veto_and_are_quoted(tmp_path):
+    committed = tmp_path / "train" / "unet-finetune"
+    for r in (_trained("serial-unet", SERIAL_EVALS), _trained("mobius-ladder-unet", LADDER_EVALS)):
+        results.append_record(committed / "results.jsonl", r)
+    measured = [_case("serial-unet", 100, seed=1), _case("mobius-ladder-unet", 60, seed=2)]
+    [rec] = recommend.recommend(measured, committed_root=tmp_path / "train")
+    assert rec.options[0].arch == "serial-unet" and rec.options[1].missed
+    assert "committed training does not show missing the target" in rec.text[0]
+    quoted = next(t for t in rec.text if t.startswith("This run holds no `stbench train` results"))
+    assert "mobius-ladder-unet did not reach it (final 0.1278)" in quoted and "target held-out loss 0.1241" in quoted
+    assert "Not recommended: mobius-ladder-unet" in " ".join(rec.text)
+    # the project's own committed runs: the side-stream UNet never reached serial's target
+    [real] = recommend.recommend(measured)
+    assert real.options[0].arch == "serial-unet" and real.options[1].missed
+    assert "reports/train/unet-tiny-finetune" in " ".join(real.text)
+
+
+def test_nothing_recommended_when_every_architecture_missed(tmp_path):
+    measured = [_case("mobius-ladder-unet", 60, seed=2), _case("mobius-unet", 70, seed=3)]
+    trained = [_trained("serial-unet", SERIAL_EVALS), _trained("mobius-ladder-unet", LADDER_EVALS),
+               _trained("mobius-unet", LADDER_EVALS)]
+    [rec] = recommend.recommend(measured + trained, committed_root=tmp_path)
+    assert all(o.missed for o in rec.options)
+    assert rec.text[0].startswith("UNET: no architecture to recommend")
+    assert not any("train mobius" in t for t in rec.text)

@@ -135,7 +135,10 @@ def test_partial_runs_render(tmp_path):
     empty.mkdir()
     (empty / "results.jsonl").write_text("")
     assert main([str(empty)]) == 0
-    assert "No figure: the run has no successful case yet." in (empty / "report.html").read_text()
+    html = (empty / "report.html").read_text()
+    assert "The run has no result record yet" in html
+    for anchor in ("recommendation", "verdict", "figures", "failures", "traces", "records"):
+        assert f'id="{anchor}"' not in html  # sections that do not apply are left out, not shown empty
     partial = fake_run.write_fake_run(tmp_path / "partial", archs={"serial-unet", "dit-dsv"}, torn=True)
     (partial / "run.json").unlink()
     being_written = partial / "traces" / "dit-dsv-some-case"  # a trace whose summary is not written yet
@@ -144,7 +147,7 @@ def test_partial_runs_render(tmp_path):
     jsonl = partial / "results.jsonl"
     assert main([str(jsonl), "-o", str(tmp_path / "p.html")]) == 0
     html = (tmp_path / "p.html").read_text()
-    assert "This run holds no pair to compare" in html and "the command is unknown" in html
+    assert 'id="verdict"' not in html and "the command is unknown" in html  # no pair to compare: no verdict
     assert "traces/dit-dsv-some-case/" in html and "no summary.json (trace still being written?)" in html
 
 

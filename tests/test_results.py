@@ -24,7 +24,7 @@ def test_load_frame_keeps_exact_integers_and_none(tmp_path):
 
 def test_identity_fields_are_derived_from_the_schema():
     assert results.IDENTITY_FIELDS[:4] == ("arch", "preset", "overrides", "mode")
-    assert set(results.SHAPE_FIELDS) == {"batch", "frames", "resolution"}
+    assert set(results.SHAPE_FIELDS) == {"batch", "frames", "resolution", "height", "width"}
     assert "arch" not in results.MATCH_FIELDS and "overrides" not in results.MATCH_FIELDS
     assert not set(results.SHAPE_FIELDS) & set(results.GROUP_FIELDS)
     assert set(results.RECORD_FIELDS) >= {"rank_step_ms_median", "rank_comm_bytes", "train", "predicted"}

@@ -154,3 +154,58 @@ def test_real_dsv_model_reports_its_sparsity():
     assert record["status"] == "ok", record["error"]
     assert {"layer_sparsity", "estimator_recall", "sparse_head_fraction", "rel_error"} <= set(record["dsv"])
     assert record["saved_activations"] > 0 and record["flops_per_step"] > 0
+
+
+def test_closing_lines_judge_compared_architectures_and_say_when_samples_cannot_tell_them_apart(tmp_path):
+    """The run's closing lines compare the archs of each configuration with stbench.stats (the gate's test)."""
+    from stbench.closing import closing_lines
+    from test_gate import make_record
+
+    def case(arch, median_ms, seed, frames=8, **fields):
+        record = make_record(arch=arch, median_ms=median_ms, seed=seed, n=9, frames=frames, **fields)
+        record.update(sample_rounds=[0, 0, 0, 1, 1, 1, 2, 2, 2], rounds=3)
+        return record
+
+    records = [case("dit-full", 100, 1), case("dit-dsv", 101, 2), case("dit-window", 130, 3),
+               case("dit-full", 50, 4, frames=4)]  # alone at its configuration: nothing to compare
+    lines = closing_lines(records, 0, tmp_path, trace=False)
+    compared = [line for line in lines if "step time at" in line]
+    assert len(compared) == 1 and compared[0].startswith("stbench: step time at 64px, 8 frames, batch 1: fastest "
+                                                         "dit-full 10")
+    assert "dit-dsv 1.0" in compared[0] and "(no difference, Wilcoxon signed-rank, paired by round, n=9+9" in compared[0]
+    assert "dit-window 1.3" in compared[0] and "(slower, Wilcoxon" in compared[0]
+    assert ("stbench: the samples cannot tell dit-dsv apart from dit-full (3 round(s)); treat them as equally fast, "
+            "or measure with more --rounds") in lines
+    assert lines[-1].startswith("stbench: report: ")
+    # --set variants of one architecture are compared too; two samples each cannot reach p < 0.05: unsure
+    pair = [make_record(arch="wan", median_ms=100, seed=5, n=2),
+            make_record(arch="wan", median_ms=150, seed=6, n=2, overrides={"attention": "dsv"})]
+    lines = closing_lines(pair, 0, tmp_path, trace=False)
+    assert "wan [attention=dsv] 1.5" in lines[-3] and "(unsure, Mann-Whitney U, n=2+2)" in lines[-3]
+    assert "cannot tell wan [attention=dsv] apart from wan (1 round(s))" in lines[-2]
+
+
+def test_rounds_default_to_a_comparison_worth_its_verdict_and_one_for_a_single_case(tmp_path, capsys, monkeypatch):
+    """Two or more cases on one process: DEFAULT_ROUNDS interleaved rounds, so their comparison pairs by round;
+    one case: 1 round; under torchrun the default is 1 (an explicit --rounds N > 1 is refused there)."""
+    from stbench import rounds
+    from stbench.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert rounds.DEFAULT_ROUNDS == 12  # reports/trust/rounds-power.txt
+    monkeypatch.setattr(rounds, "DEFAULT_ROUNDS", 3)  # the plumbing, at a quarter of the steps
+    DEFAULT_ROUNDS = 3
+    base = ["run", "--arch", TOY_ARCH, "--resolution", "16", "--repeats", "2", "--no-progress"]
+    assert main(base + ["--frames", "2,4", "--out", str(tmp_path / "two")]) == 0
+    two = results.read_records(tmp_path / "two")
+    assert [r["rounds"] for r in two] == [DEFAULT_ROUNDS] * 2
+    assert sorted(set(two[0]["sample_rounds"])) == list(range(DEFAULT_ROUNDS))
+    assert len(two[0]["step_ms_samples"]) == 2 * DEFAULT_ROUNDS
+    assert main(base + ["--frames", "2", "--out", str(tmp_path / "one")]) == 0
+    (one,) = results.read_records(tmp_path / "one")
+    assert one.get("rounds") in (None, 1) and len(one["step_ms_samples"]) == 2
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--arch", "dit-full,dit-dsv", "--device", "cpu", "--rounds", "2", "--context-parallel",
+                 "ulysses", "--out", str(tmp_path / "cp")]) == 2
+    assert "--rounds: not supported with torchrun" in capsys.readouterr().err

@@ -186,6 +186,43 @@ def test_save_then_load_roundtrip(tmp_path):
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
 
 
+def test_dense_wan_checkpoint_starts_dsv_fresh_and_other_missing_keys_are_refused(tmp_path, capsys):
+    """A tiny wan trained with full attention loads into --set attention=dsv: only the DSV layers' estimators and
+    profiles (absent from a dense checkpoint) start fresh, with a warning for the record; any other missing key,
+    or DSV state for some layers only, stays an error."""
+    dense = architectures.build("wan", "tiny")
+    weights.save_checkpoint(dense, tmp_path / "dense.pt", {"family": "video-transformer", "preset": "tiny"})
+    case = Case("wan", "tiny", mode="full", frames=9, overrides=(("attention", "dsv"),),
+                weights=str(tmp_path / "dense.pt"))
+    model = case.build_model()
+    weights.load_weights(model, case)
+    state, fresh = model.state_dict(), weights._expected(case)[2]
+    assert len(fresh) == 4 * len(model.dsv_layers()) == 8  # 2 blocks x (2 estimators + 2 profile buffers)
+    assert set(state) - set(dense.state_dict()) == fresh
+    for k, v in dense.state_dict().items():  # every dense weight loaded, under diffusers' processor wrapping
+        assert torch.equal(state[k], v), k
+    note = ("weights: " + str(tmp_path / "dense.pt") + " holds no DSV estimator or sparsity profile for 2 "
+            "layer(s) (a dense model's checkpoint): they start fresh (random estimator, empty profile), as DSV "
+            "training from a dense model does")
+    assert all(layer.warnings == [note] for layer in model.dsv_layers())
+    assert all(int(layer.profile_updates) == 0 for layer in model.dsv_layers())
+    base = ["run", "--arch", "wan", "--mode", "full", "--frames", "9", "--set", "attention=dsv",
+            "--out", str(tmp_path / "run"), "--weights"]
+    # another missing key: refused, naming it
+    partial = dense.state_dict()
+    partial.pop("transformer.proj_out.weight")
+    torch.save(partial, tmp_path / "partial.pt")
+    assert "missing: transformer.proj_out.weight" in _bad(base + [str(tmp_path / "partial.pt")], capsys)
+    # DSV state for one layer but not the other: not a dense checkpoint, refused
+    sparse = architectures.build("wan", "tiny", attention="dsv").state_dict()
+    torch.save({k: v for k, v in sparse.items() if not (k in fresh and ".blocks.1." in k)}, tmp_path / "half.pt")
+    assert "a dense checkpoint holds none" in _bad(base + [str(tmp_path / "half.pt")], capsys)
+    # an unexpected key stays an error too
+    torch.save({**dense.state_dict(), "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
+    assert "keys not in wan (tiny): extra.weight" in _bad(base + [str(tmp_path / "extra.pt")], capsys)
+    assert not (tmp_path / "run" / runfolder.RESULTS_FILE).exists()
+
+
 def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "stbench", "train", "--arch", "dit-full,dit-window", "--frames", "2",

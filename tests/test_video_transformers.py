@@ -1,4 +1,4 @@
-"""diffusers' production video transformers (wan, cogvideox, hunyuan-video, ltx-video, latte), the attention swap
+"""diffusers' production video transformers (wan, cogvideox, hunyuan-video, ltx-video, latte, mochi), the attention swap
 through attention processors, `stbench list` and `--arch package.module:factory`."""
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ from stbench.cli import main
 from stbench.config import Case
 from stbench.errors import UserError
 
-FAMILIES = ("wan", "cogvideox", "hunyuan-video", "ltx-video", "latte")
+FAMILIES = ("wan", "cogvideox", "hunyuan-video", "ltx-video", "latte", "mochi")
 # a small legal pixel shape per family: (frames, resolution)
-TINY_SHAPE = {"wan": (9, 64), "cogvideox": (9, 64), "hunyuan-video": (9, 64), "ltx-video": (9, 128), "latte": (8, 64)}
+TINY_SHAPE = {"wan": (9, 64), "cogvideox": (9, 64), "hunyuan-video": (9, 64), "ltx-video": (9, 128), "latte": (8, 64),
+              "mochi": (7, 64)}
 # parameters of the published configurations, counted on the meta device (see the closing note for the
 # published figures they stand against: Wan2.1 1.3B/14B, CogVideoX 2B/5B, HunyuanVideo 13B, LTX-Video 2B)
 PUBLISHED = {("wan", "1.3b"): 1_418_996_800, ("wan", "14b"): 14_288_491_584,
              ("cogvideox", "2b"): 1_693_783_872, ("cogvideox", "5b"): 5_570_283_072,
              ("hunyuan-video", "13b"): 12_821_012_544, ("ltx-video", "2b"): 1_923_385_472,
-             ("latte", "xl"): 1_057_246_880}
+             ("latte", "xl"): 1_057_246_880, ("mochi", "10b"): 10_027_677_744}
 NOMINAL = {("wan", "1.3b"): 1.3e9, ("wan", "14b"): 14e9, ("cogvideox", "2b"): 2e9, ("cogvideox", "5b"): 5e9,
-           ("hunyuan-video", "13b"): 13e9, ("ltx-video", "2b"): 2e9}
+           ("hunyuan-video", "13b"): 13e9, ("ltx-video", "2b"): 2e9, ("mochi", "10b"): 10e9}
 
 
 def tiny(arch, **overrides):
@@ -62,7 +63,7 @@ def test_every_tiny_preset_trains_a_step_with_each_attention(arch, attention):
             assert stats["sparse_head_fraction"] > 0 and len(stats["layer_sparsity"]) == len(model.dsv_layers())
 
 
-@pytest.mark.parametrize("arch", ["wan", "cogvideox", "hunyuan-video", "latte"])
+@pytest.mark.parametrize("arch", ["wan", "cogvideox", "hunyuan-video", "latte", "mochi"])
 def test_window_covering_the_whole_video_equals_diffusers_own_attention(arch):
     """The processor swap changes the attention only: a window as large as the video (text kept global in the
     joint-attention models) reproduces the published model's output."""
@@ -253,7 +254,7 @@ def test_context_parallel_hooks_follow_the_cp_protocol(name, attention):
 
 
 def test_context_parallel_is_refused_for_families_without_a_token_plan():
-    for name in ("cogvideox", "hunyuan-video", "latte"):
+    for name in ("cogvideox", "hunyuan-video", "latte", "mochi"):
         with pytest.raises(UserError, match=r"^context_parallel: 'ring' is not legal for " + name +
                            r"; legal: ulysses, ring with one of the archs dit-dsv, dit-full, .*ltx-video, wan$"):
             Case(arch=name, mode="full", frames=9, context_parallel="ring")

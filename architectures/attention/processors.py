@@ -151,6 +151,9 @@ def wrap_processors(modules, kind: str, cfg, text: str = "none") -> list[Swapped
     for attn in modules:
         head_dim = attn.to_q.out_features // attn.heads
         processor = SwappedAttnProcessor(attn.processor, kind, attn.heads, head_dim, cfg, text)
-        attn.set_processor(processor)
+        if hasattr(attn, "set_processor"):
+            attn.set_processor(processor)
+        else:  # MochiAttention: a plain module; assigning a Module registers it (DSV's estimator as a parameter)
+            attn.processor = processor
         wrapped.append(processor)
     return wrapped

@@ -31,7 +31,9 @@ def model_sizes(record: dict, step) -> None:
     """Exact parameter counts and parameter/gradient bytes of a TrainingStep's model."""
     record["params_total"] = sum(p.numel() for p in step.model.parameters())
     record["params_trainable"] = sum(p.numel() for p in step.trainable)
-    record["param_bytes"] = memory.param_bytes(step.model)
+    # resident encoders (--encoders resident) are held beside the model: their (frozen) bytes count
+    encoders = getattr(step, "encoders", None)
+    record["param_bytes"] = memory.param_bytes(step.model) + (memory.param_bytes(encoders) if encoders else 0)
     record["grad_bytes"] = memory.grad_bytes(step.trainable)
 
 

@@ -73,7 +73,11 @@ def checkpoint_modules(model: nn.Module, units: list[nn.Module], mode: str) -> l
     names = {id(p): n for n, p in model.named_parameters()}
     chosen = []
     for unit in units:
-        for child in unit.children():
+        # a ModuleList or ModuleDict is never called (its members are): checkpoint the members (a UNet block's
+        # `resnets` and `attentions`)
+        children = [m for child in unit.children()
+                    for m in (child.children() if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else (child,))]
+        for child in children:
             params = list(child.parameters())
             if params and all(model.group_of(names[id(p)]) == "spatial" for p in params):
                 chosen.append(child)

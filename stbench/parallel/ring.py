@@ -6,10 +6,13 @@ The `cp` protocol and byte counting are in `context_parallel`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from architectures.attention.dsv import DSVAttention, block_sparsity, block_sums, estimate_block_scores, select_blocks
+from architectures.attention.dsv import (DSVAttention, block_sparsity, block_sums, cube_order, cube_shape,
+                                        estimate_block_scores, select_blocks)
 from architectures.attention.full import FullAttention
 from architectures.attention.processors import SwappedAttnProcessor
 from architectures.attention.sparse import block_sparse_attention
@@ -237,9 +240,9 @@ class RingParallel(ContextParallel):
             raise ValueError(f"ring context parallelism with DSV needs the tokens per rank ({n}) to be a "
                              f"multiple of block_size ({bs}); change frames/resolution or --set block_size")
         nk = N // bs
-        if attn.query_groups == "cube":
-            raise ValueError("ring context parallelism with DSV shards tokens in raster order; "
-                             "--set query_groups=raster (or use --context-parallel ulysses)")
+        order = self._query_group_order(attn, n, q.device)
+        if order is not None:  # each rank's tokens regrouped into its own cubes: blocks are cubes, as one process
+            q, k, v = (t.index_select(2, order[0]) for t in (q, k, v))
         planned, topk = attn.plan(nk, N) if attn.sparse_active else ((), ())  # host-side: no synchronisation
         sparse = torch.zeros(H, dtype=torch.bool)
         sparse[list(planned)] = True
@@ -275,7 +278,47 @@ class RingParallel(ContextParallel):
         if attn.capture_stats:  # stats() then describe this rank's token shard
             attn._last = {"q": q.detach()[:1], "k": k.detach()[:1], "v": v.detach()[:1], "heads": heads,
                           "sparse": sparse.detach()}
-        return out
+        return out if order is None else out.index_select(2, order[1])
+
+    def _query_group_order(self, attn, n: int, device):
+        """(perm, inverse) of this rank's n tokens into 3D-cube query/key groups, or None (raster order).
+
+        The tokens are sharded in raster order. Where one process's cube order keeps every cube on one rank (the
+        cube's frames divide each rank's frames), each rank reorders its own tokens and the concatenation over
+        ranks is exactly one process's order: the same blocks, selections and estimator samples. Otherwise the
+        cubes are chosen inside each rank's frames, or raster order runs; either is noted in the record.
+        """
+        if attn.query_groups != "cube" or attn.grid is None or math.prod(attn.grid) != n * self.world:
+            return None
+        key = ("ring", tuple(attn.grid), self.rank, self.world, str(device))
+        if key not in attn._orders:
+            attn._orders[key] = self._choose_order(attn, tuple(attn.grid), n, device)
+        return attn._orders[key]
+
+    def _choose_order(self, attn, grid, n: int, device):
+        full = attn._order(n * self.world, device)  # one process's cube order (it notes when none tiles the grid)
+        if full is None:
+            return None
+        owner = torch.div(full[0], n, rounding_mode="floor").view(self.world, n)  # rank holding each position's token
+        if bool((owner == torch.arange(self.world, device=device)[:, None]).all()):
+            local = full[0][self.rank * n:(self.rank + 1) * n] - self.rank * n
+            return local, torch.argsort(local)
+        f, h, w = grid
+        bs = attn.block_size
+        shape = cube_shape((n // (h * w), h, w), bs) if n % (h * w) == 0 else None
+        if shape is None:
+            note = (f"ring context parallelism: no 3D cube of {bs} tokens fits inside each rank's {n} tokens of the "
+                    f"grid {grid}; raster query groups run (--context-parallel ulysses keeps one process's cubes)")
+            local = None
+        else:
+            note = (f"ring context parallelism: query groups are {'x'.join(map(str, shape))} cubes inside each "
+                    f"rank's {n // (h * w)} frames; one process's {'x'.join(map(str, cube_shape(grid, bs)))} cubes "
+                    f"span ranks (--context-parallel ulysses keeps them)")
+            perm = cube_order((n // (h * w), h, w), shape).to(device)
+            local = perm, torch.argsort(perm)
+        if note not in attn.warnings:
+            attn.warnings.append(note)
+        return local
 
     def _estimator_loss(self, attn, q, k, k_est, profile: bool):
         """DSV's estimator loss (and stage-1 profile) on sampled queries, from per-rank partial sums over keys.

@@ -10,10 +10,11 @@ from pathlib import Path
 import architectures
 
 from .. import results, runfolder
-from ..config import DTYPES, Case, json_settings, parse_set_options
+from ..config import DTYPES, Case, frame_fields, json_settings, parse_set_options
 from ..errors import UserError
 from ..measure import env
-from ..overrides import comma_list
+from ..overrides import comma_list, resolution_list
+from ..regimes import add_regime_arguments, regime_settings
 from ..runner import add_parallel_arguments, fsdp_settings
 from ..units import format_bytes
 from . import hardware as hw
@@ -31,7 +32,7 @@ class PredictSweep:
 
     archs: tuple[str, ...]
     hardware: tuple[str, ...]
-    resolutions: tuple[int, ...] = (256,)
+    resolutions: tuple[int | tuple[int, int], ...] = (256,)  # square sizes or (height, width)
     frames: tuple[int, ...] = (16,)
     batches: tuple[int, ...] = (1,)
     preset: str = "tiny"
@@ -45,6 +46,11 @@ class PredictSweep:
     activation_checkpointing: str | None = None
     fsdp_reshard_after_forward: bool | None = None
     fsdp_mixed_precision: bool | None = None
+    lora: int | None = None  # the training regime (stbench.regimes), as Case's fields
+    lora_targets: tuple[str, ...] | None = None
+    param_dtype: str = "fp32"
+    optimizer: str = "adamw"
+    encoders: str = "precomputed"
 
     def __post_init__(self):
         for name in ("archs", "hardware", "resolutions", "frames", "batches", "world_sizes"):
@@ -69,13 +75,14 @@ class PredictSweep:
             return 1
         return max(1, self.world_sizes[0] // self.fsdp)
 
-    def case(self, arch: str, hardware: str, resolution: int, frames: int, batch: int, world: int = 1) -> Case:
+    def case(self, arch: str, hardware: str, resolution: int | tuple[int, int], frames: int, batch: int,
+             world: int = 1) -> Case:
         """A validated case on `world` GPUs (UserError on bad input); predicted cases are traced on the CPU."""
         if world < 1:
             raise UserError(f"world-size: must be >= 1, got {world}")
         fsdp = self.fsdp if world == self.world_sizes[0] or self.fsdp is None else world // self.cp_degree
-        fsdp_asked = any(v is not None for v in (self.activation_checkpointing, self.fsdp_reshard_after_forward,
-                                                 self.fsdp_mixed_precision))
+        # (activation checkpointing alone runs on one process too)
+        fsdp_asked = any(v is not None for v in (self.fsdp_reshard_after_forward, self.fsdp_mixed_precision))
         if fsdp is None and (world > 1 or fsdp_asked):
             fsdp = world
         settings = dict(fsdp=fsdp, activation_checkpointing=self.activation_checkpointing,
@@ -84,8 +91,9 @@ class PredictSweep:
         if fsdp is not None:
             settings = fsdp_settings(argparse.Namespace(**settings))
         case = Case(arch=arch, preset=self.preset, mode=self.mode, batch=batch, frames=frames,
-                    resolution=resolution, dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides,
-                    context_parallel=self.context_parallel, **settings)
+                    **frame_fields(resolution), dtype=self.dtype_for(hardware), device="cpu", overrides=self.overrides,
+                    context_parallel=self.context_parallel, lora=self.lora, lora_targets=self.lora_targets,
+                    param_dtype=self.param_dtype, optimizer=self.optimizer, encoders=self.encoders, **settings)
         if fsdp is not None:
             from ..distributed import check_layout  # noqa: local - torch.distributed only for sharded layouts
 
@@ -99,7 +107,8 @@ class PredictSweep:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="comma-separated architectures (see `stbench inspect`)")
     parser.add_argument("--preset", default="tiny", help="size preset: tiny (default), small, or the full-size preset")
-    parser.add_argument("--resolution", default="256", help="comma-separated square sizes in pixels (default 256)")
+    parser.add_argument("--resolution", default="256", help="comma-separated frame sizes in pixels: one number is "
+                        "square, HxW is height x width, e.g. 480x832 (default 256)")
     parser.add_argument("--frames", default="16", help="comma-separated frame counts (default 16)")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     parser.add_argument("--mode", default="temporal", choices=architectures.TRAINING_MODES,
@@ -112,6 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", default="1", help="comma-separated GPU counts: with more than one (or "
                         "--fsdp), one rank of an FSDP2 (x --context-parallel) layout is predicted (default 1)")
     add_parallel_arguments(parser, launched="on --world-size GPUs")
+    add_regime_arguments(parser)
     parser.add_argument("--frontier", nargs="?", const="all", choices=("shapes", "gpus", "all"), default=None,
                         help="instead of the grid (also written to OUT/frontier.txt): 'shapes': the largest frame "
                         "count predicted to fit at each resolution and the largest resolution at each frame count "
@@ -124,14 +134,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
     names = comma_list(args.hardware, "hardware", str)
     sweep = PredictSweep(archs=comma_list(args.arch, "arch", str), hardware=names,
-                         resolutions=comma_list(args.resolution, "resolution"), frames=comma_list(args.frames, "frames"),
+                         resolutions=resolution_list(args.resolution), frames=comma_list(args.frames, "frames"),
                          batches=comma_list(args.batch, "batch"), preset=args.preset, mode=args.mode, dtype=args.dtype,
                          overrides=parse_set_options(args.set), frontier=args.frontier,
                          world_sizes=comma_list(args.world_size, "world-size"), fsdp=args.fsdp,
                          context_parallel=args.context_parallel,
                          activation_checkpointing=args.activation_checkpointing,
                          fsdp_reshard_after_forward=args.fsdp_reshard_after_forward,
-                         fsdp_mixed_precision=args.fsdp_mixed_precision or None)
+                         fsdp_mixed_precision=args.fsdp_mixed_precision or None, **regime_settings(args))
     for arch in sweep.archs:  # every case is checked before anything is written
         for name in sweep.hardware:
             for r in sweep.resolutions:
@@ -161,15 +171,19 @@ class Predictor:
 
 def describe(record: dict) -> str:
     p = record.get("predicted") or {}
-    what = (f"{record['arch']} {record['resolution']}px x{record['frames']} b{record['batch']} {record['dtype']} "
-            f"on {record['device']}")
+    what = (f"{record['arch']} {results.resolution_label(record)}px x{record['frames']} b{record['batch']} "
+            f"{record['dtype']} on {record['device']}")
+    if results.regime_label(record):
+        what += f", {results.regime_label(record)}"
     if record.get("mesh"):
         what += f", {results.layout_label(record)} (per rank)"
     if record["status"] == "error" or "peak_bytes" not in p:
         return f"error {what}: {(record.get('error') or '').splitlines()[-1:]}"
     text = f"{record['status']:5s} {what}: predicted peak {format_bytes(p['peak_bytes'])}"
     if p.get("step_ms") is not None:
-        text += f", step {p['step_ms']:.1f} ms (compute {p['compute_ms']:.1f}, memory {p['memory_ms']:.1f}"
+        bound = f", bound {p['step_ms_bound']:.1f}" if p.get("step_ms_bound") is not None else ""
+        text += (f", step {p['step_ms']:.1f} ms expected{bound} (compute {p['compute_ms']:.1f}, "
+                 f"memory {p['memory_ms']:.1f}")
         text += f", communication {p['comm_ms']:.1f})" if p.get("comm_ms") is not None else ")"
     return text
 
@@ -204,6 +218,10 @@ def frontier(predict, make_case, target: hw.Hardware, limit: int = MAX_FRAMES) -
         else:
             bad = middle
     return good, (bad if bad is not None and verdicts[bad] is not None else None)
+
+
+def size_label(size: int | tuple[int, int]) -> str:  # 256 -> "256", (480, 832) -> "480x832"
+    return str(size) if isinstance(size, int) else "x".join(map(str, size))
 
 
 def resolution_step(make_case) -> int | None:
@@ -284,7 +302,7 @@ def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, emi
         layout = (f"fsdp x {sweep.context_parallel} {sweep.cp_degree}" if sweep.context_parallel else "fsdp") + (
             f", activation checkpointing {sweep.activation_checkpointing}"
             if sweep.activation_checkpointing not in (None, "none") else "")
-        emit(f"frontier {arch} {r}px x{f} b{b} on {target.name}: fewest GPUs that fit "
+        emit(f"frontier {arch} {size_label(r)}px x{f} b{b} on {target.name}: fewest GPUs that fit "
              f"{n if n is not None else f'none ({why})'} ({layout}; predicted)")
     for w in sweep.world_sizes if sweep.frontier != "gpus" else ():
         _shape_frontiers(sweep, predict, arch, target, w, emit)
@@ -297,7 +315,7 @@ def _shape_frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardwar
         for r in sweep.resolutions:
             good, bad = frontier(lambda c, t: predict(c, t, w), lambda f: sweep.case(arch, target.name, r, f, b, w),
                                  target, MAX_FRAMES)
-            emit(f"frontier {arch} {r}px b{b} on {on}: largest fitting frames "
+            emit(f"frontier {arch} {size_label(r)}px b{b} on {on}: largest fitting frames "
                  f"{good if good is not None else 'none'}{'' if bad is None else f' ({bad} does not fit)'} "
                  f"(predicted)")
         for f in sweep.frames:

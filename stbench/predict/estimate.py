@@ -9,7 +9,8 @@ from ..config import Case
 from ..errors import UserError
 from ..measure import env
 from ..parallel.fsdp import bytes_by_kind
-from . import fake, memory, roofline, sharded
+from . import efficiency, fake, memory, roofline, sharded
+from .efficiency import Efficiency
 from .hardware import Hardware
 
 CATEGORIES = (fake.PARAMS, fake.GRADS, fake.OPTIMIZER, fake.ACTIVATIONS)
@@ -48,22 +49,34 @@ def breakdown(trace: fake.StepTrace, peak_bytes: int) -> dict:
     return parts
 
 
-def prediction(trace: fake.StepTrace, hardware: Hardware) -> dict:
-    """The record's `predicted` object for one hardware (peak_bytes includes the CUDA context on GPUs)."""
+def prediction(trace: fake.StepTrace, hardware: Hardware, efficiencies: Efficiency | None = None) -> dict:
+    """The record's `predicted` object for one hardware (peak_bytes includes the CUDA context on GPUs).
+
+    step_ms is the expected time (each kernel class at its published achievable efficiency, `efficiencies`
+    or the hardware's own table) and step_ms_bound the roofline lower bound (datasheet peaks);
+    peak_allocated_bytes is the most bytes live in blocks (torch.cuda.max_memory_allocated, no context),
+    reserved_bytes the allocator's segments at their peak, peak_bytes that plus the CUDA context."""
     capacity = hardware.memory_bytes - hardware.context_bytes
-    unlimited = memory.replay(trace.events, caching=hardware.caching_allocator, measure_from=trace.measure_from)
+    unlimited = memory.replay(trace.events, caching=hardware.caching_allocator, measure_from=trace.measure_from,
+                              at=trace.step_end or None)
     bounded = memory.replay(trace.events, caching=hardware.caching_allocator, capacity=capacity,
                             measure_from=trace.measure_from)
     peak = unlimited.peak_reserved + hardware.context_bytes
-    time = roofline.step_time(trace.ops, hardware)
+    chosen = efficiencies if efficiencies is not None else efficiency.for_hardware(hardware)
+    time = roofline.step_time(trace.ops, hardware, chosen)
+    bound = roofline.step_time(trace.ops, hardware)
     flops = sum(op.flops for op in trace.ops)
     predicted = {"hardware": hardware.name, "peak_bytes": peak, "fits": not bounded.out_of_memory,
-                 "step_ms": None, "compute_ms": None, "memory_ms": None, "flops": flops, "mfu": None,
-                 "breakdown": breakdown(trace, unlimited.peak_reserved), "allocated_bytes": unlimited.peak_allocated,
+                 "step_ms": None, "step_ms_bound": None, "compute_ms": None, "memory_ms": None, "flops": flops,
+                 "mfu": None, "breakdown": breakdown(trace, unlimited.peak_reserved),
+                 "peak_allocated_bytes": unlimited.peak_allocated, "allocated_bytes": unlimited.peak_allocated,
+                 "allocated_after_step_bytes": unlimited.allocated_at,
                  "reserved_bytes": unlimited.peak_reserved, "context_bytes": hardware.context_bytes,
                  "memory_bytes": hardware.memory_bytes, "kernels": len(trace.ops)}
     if time is not None:
-        predicted.update(step_ms=time.step_ms, compute_ms=time.compute_ms, memory_ms=time.memory_ms)
+        predicted.update(step_ms=time.step_ms, step_ms_bound=bound.step_ms, compute_ms=time.compute_ms,
+                         memory_ms=time.memory_ms, attention_backend=chosen.backend,
+                         step_ms_by_kind={k: round(v, 3) for k, v in time.by_kind.items()})
         if trace.layout is not None:
             _add_communication(predicted, trace, hardware)
         peak_flops = hardware.peak(max((op for op in trace.ops if op.flops), key=lambda op: op.flops,
@@ -74,7 +87,8 @@ def prediction(trace: fake.StepTrace, hardware: Hardware) -> dict:
 
 
 def _add_communication(predicted: dict, trace: fake.StepTrace, hardware: Hardware) -> None:
-    """A rank's step with communication: the kernels' roofline time (`kernels_ms`), then FSDP's gathers and
+    """A rank's step with communication: the kernels' expected time (`kernels_ms`; `kernels_ms_bound` their
+    roofline bound, which step_ms_bound uses the same way), then FSDP's gathers and
     reduce-scatters and ring hops hidden behind it where they fit (FSDP2 prefetches on its own stream) and
     Ulysses all-to-alls and all-reduces added (the step waits for them): step = max(kernels, overlapped) +
     blocking. `step_ms_serial` adds everything: the bound when nothing overlaps."""
@@ -82,7 +96,9 @@ def _add_communication(predicted: dict, trace: fake.StepTrace, hardware: Hardwar
     if comm is None:
         return
     kernels = predicted["step_ms"]
-    predicted.update(kernels_ms=kernels, comm_ms=comm.overlapped_ms + comm.blocking_ms,
+    bound = predicted["step_ms_bound"]
+    predicted.update(kernels_ms=kernels, kernels_ms_bound=bound, comm_ms=comm.overlapped_ms + comm.blocking_ms,
+                     step_ms_bound=max(bound, comm.overlapped_ms) + comm.blocking_ms,
                      comm_ms_by_collective=comm.by_kind_ms, comm_overlapped_ms=comm.overlapped_ms,
                      comm_blocking_ms=comm.blocking_ms, links=comm.links,
                      step_ms=max(kernels, comm.overlapped_ms) + comm.blocking_ms,

@@ -22,6 +22,7 @@ from ..config import TORCH_DTYPES, Case
 from ..measure import activations, memory
 from ..measure.memory import local_tensor
 from ..parallel import fsdp as fsdp_lib
+from .. import regimes
 from . import sharded, sparse
 from .roofline import OpCost, launches_kernel, op_cost
 
@@ -34,6 +35,7 @@ class StepTrace:
 
     events: list = field(default_factory=list)  # (+1 | -1, storage key, bytes)
     measure_from: int = 0  # first event of the steady-state step
+    step_end: int = 0  # events up to the end of the steady-state step (after zero_grad): what stays allocated
     ops: list[OpCost] = field(default_factory=list)  # kernels of the steady-state step
     sizes: dict = field(default_factory=dict)  # storage key -> bytes
     categories: dict = field(default_factory=dict)  # storage key -> params | grads | optimizer | activations
@@ -164,6 +166,11 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
     model = case.build_model("meta")
     model.set_training_mode(case.mode)
     model.train()
+    regimes.apply_regimes(model, case)  # LoRA, bf16 parameters, checkpointing on one process: as `run` does
+    encoders = None
+    if case.encoders == "resident":
+        with torch.device("meta"):
+            encoders = regimes.resident_encoders(model)
     if case.fsdp is not None:
         trace.layout = sharded.shard(model, case, trace.world)
     autocast_dtype = None if case.dtype == "fp32" else TORCH_DTYPES[case.dtype]
@@ -175,7 +182,12 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             _fake_parameters(model)
         else:  # FSDP's shards (DTensors) are made by FSDP's own init path; ties do not survive sharding anyway
             model.to_empty(device="cpu")
-        for t in (*model.parameters(), *model.buffers()):
+        if encoders is not None:
+            _fake_parameters(encoders)
+        held = [*model.parameters(), *model.buffers()]
+        if encoders is not None:
+            held += [*encoders.parameters(), *encoders.buffers()]
+        for t in held:
             trace.categories[tracker.track(t)] = PARAMS
         trainable = model.trainable_parameters()
         if not trainable:
@@ -183,8 +195,13 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
         # DTensor shards: AdamW steps the local shards, the same elementwise work and memory as stepping the
         # DTensors, without DTensor's sharding propagation over every foreach op (minutes for a 14B model)
         stepped = trainable if trace.layout is None else [torch.nn.Parameter(local_tensor(p)) for p in trainable]
-        optimizer = torch.optim.AdamW(stepped, lr=1e-4, foreach=foreach)
-        batch = model.make_batch(case.batch, case.frames, case.resolution, case.resolution, device="cpu")
+        if case.optimizer == "adamw8bit":  # bitsandbytes' kernels do not run on fake tensors: its state, exactly
+            optimizer = regimes.AdamW8bitState(stepped)
+            trace.warnings.append("adamw8bit: bitsandbytes' state allocated at its exact layout (stbench.regimes); "
+                                  "its update kernels are not traced, so the optimizer's time is left out")
+        else:
+            optimizer = regimes.make_optimizer(case, stepped, lr=1e-4, foreach=foreach)
+        batch = model.make_batch(case.batch, case.frames, *case.frame_hw, device="cpu", dtype=regimes.input_dtype(case))
         for t in (batch.latents, batch.noise, batch.timesteps, batch.text):
             trace.categories[tracker.track(t)] = ACTIVATIONS
         for step in range(steps):
@@ -194,6 +211,8 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
                 trace.measure_from = len(trace.events)
                 tracker.record_ops = True
                 counter = counting.enter_context(fsdp_lib.CollectiveCounter())  # the bytes each collective sends
+            if encoders is not None:  # as run's step: the batch encoded on the fly, without gradients
+                regimes.encode_on_the_fly(encoders, model, batch)
             # run's own count of saved activations (parameters, FSDP's gathered ones too, left out)
             with _SavedCounter(tracker).exclude_parameters(model) as saved, autocast():
                 loss = model.loss(batch)
@@ -221,13 +240,15 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             optimizer.zero_grad(set_to_none=True)
             for p in trainable:
                 p.grad = None
+        trace.step_end = len(trace.events)
         tracker.record_ops = False
         trace.params_total = sum(p.numel() for p in model.parameters())
         trace.params_trainable = sum(p.numel() for p in trainable)
-        trace.param_bytes = memory.tensor_bytes(model.parameters())
+        trace.param_bytes = memory.tensor_bytes(model.parameters()) + (
+            memory.tensor_bytes(encoders.parameters()) if encoders is not None else 0)
         # a gradient has its parameter's layout: FSDP's gradient shards are padded like the parameter shards
         trace.grad_bytes = (sum(p.numel() * p.element_size() for p in trainable) if trace.layout is None
                             else memory.tensor_bytes(trainable))
         trace.warnings.extend(adapters.warnings)
-        del optimizer, batch, model
+        del optimizer, batch, model, encoders
     return trace

@@ -17,7 +17,8 @@ ADA_WHITEPAPER = "NVIDIA Ada Lovelace GPU architecture whitepaper v2.1, GeForce 
 # Not a datasheet value: the CUDA context plus cuBLAS/cuDNN handles that PyTorch creates before the first
 # kernel; stbench's own run records it as env.cuda_context_bytes (NVML, process memory before the model).
 CONTEXT_SOURCE = "assumption: typical CUDA 12 context + cuBLAS/cuDNN workspace of a PyTorch process, 512 MiB"
-LAUNCH_SOURCE = "assumption: a back-to-back kernel takes at least ~4 us on recent NVIDIA GPUs and drivers"
+LAUNCH_SOURCE = ("NVIDIA technical blog 'Getting Started with CUDA Graphs' (2019): back-to-back launches of a short "
+                 "kernel take ~3.8 us each without graphs; rounded to a 4 us floor per kernel")
 DGX_H100 = "NVIDIA DGX H100 user guide / datasheet: 8 GPUs on NVSwitch, 8x ConnectX-7 400 Gb/s (one per GPU)"
 DGX_A100 = "NVIDIA DGX A100 datasheet: 8 GPUs on NVSwitch, 8x ConnectX-6 200 Gb/s HDR InfiniBand (one per GPU)"
 PCIE_SPEC = "PCI-SIG: x16 Gen4 16 GT/s = ~32 GB/s, Gen5 32 GT/s = ~64 GB/s per direction (128b/130b coding)"

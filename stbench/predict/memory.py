@@ -255,20 +255,28 @@ class HostHeap:
 class Replay:
     """Peaks of one allocation sequence replayed through an allocator model."""
 
-    peak_allocated: int
-    peak_reserved: int
+    peak_allocated: int  # the most bytes in live blocks (torch.cuda.max_memory_allocated)
+    peak_reserved: int  # the most bytes in segments (torch.cuda.max_memory_reserved)
     out_of_memory: bool
+    allocated_at: int | None = None  # bytes allocated after event `at` - 1 (torch.cuda.memory_allocated there)
 
 
-def replay(events, *, caching: bool, capacity: int | None = None, measure_from: int = 0) -> Replay:
-    """Replays [(+1 | -1, key, nbytes)]; peaks count from event `measure_from` on (the steady-state step)."""
+def replay(events, *, caching: bool, capacity: int | None = None, measure_from: int = 0,
+           at: int | None = None) -> Replay:
+    """Replays [(+1 | -1, key, nbytes)]; peaks count from event `measure_from` on (the steady-state step);
+    `at`: also report the bytes allocated once the first `at` events have run (e.g. at the end of a step)."""
     memory = CachingAllocator(capacity) if caching else HostHeap(capacity)
+    allocated_at = None
     for index, (sign, key, nbytes) in enumerate(events):
         if index == measure_from:  # like torch.cuda.reset_peak_memory_stats() before the measured step
             memory.peak_allocated, memory.peak_reserved = memory.allocated, memory.reserved
+        if index == at:
+            allocated_at = memory.allocated
         if sign > 0:
             if not memory.malloc(key, nbytes):
                 break
         else:
             memory.free(key)
-    return Replay(memory.peak_allocated, memory.peak_reserved, memory.out_of_memory)
+    if at is not None and at >= len(events) and not memory.out_of_memory:
+        allocated_at = memory.allocated
+    return Replay(memory.peak_allocated, memory.peak_reserved, memory.out_of_memory, allocated_at)

@@ -1,12 +1,19 @@
-"""Per-op roofline: time = max(FLOPs / peak, bytes moved / bandwidth), at least one kernel launch."""
+"""Per-op roofline: time = max(FLOPs / peak, bytes moved / bandwidth), at least one kernel launch.
+
+With an Efficiency (efficiency.py) the same sum gives the expected time: each kernel's FLOPs over the peak its
+class achieves (GEMMs by shape, fused attention by backend and direction), its bytes over the bandwidth
+memory-bound kernels achieve; with efficiency.IDEAL (every fraction 1) it is the bound exactly.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils import flop_counter
 
 from ..measure import flops as _flops  # noqa: F401 - registers the CPU flash-attention FLOP formulas
+from .efficiency import IDEAL, Efficiency
 from .hardware import Hardware
 
 aten = torch.ops.aten
@@ -15,6 +22,10 @@ NO_KERNEL = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strid
              aten.detach.default, aten.lift_fresh.default, aten.set_.source_Storage_storage_offset}
 CONVOLUTIONS = {aten.convolution.default, aten.convolution_backward.default}
 HALF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# GEMM-like ops and the positions of their two matrix operands (output rows x columns read from them)
+GEMMS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: (0, 1),
+         aten.baddbmm.default: (1, 2)}
+GEMM, ATTENTION, ATTENTION_BACKWARD, OTHER = "gemm", "attention", "attention_backward", "other"
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,8 @@ class OpCost:
     flops: int
     bytes: int
     math: str  # bf16 | fp16 | tf32 | fp32
+    kind: str = OTHER  # gemm | attention | attention_backward | other (memory-bound unless it has FLOPs)
+    gemm: tuple = ()  # (batch, rows, columns) of a GEMM's output (convolutions: implicit GEMM)
 
 
 def _tensors(tree):
@@ -43,7 +56,34 @@ def op_cost(func, args, kwargs, out) -> OpCost:
     moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
     dtype = inputs[0].dtype if inputs else torch.float32
     math = HALF.get(dtype) or ("tf32" if func in CONVOLUTIONS else "fp32")
-    return OpCost(str(func), count, moved, math)
+    name = str(func)
+    return OpCost(name, count, moved, math, kind_of(name), _gemm_shape(func, args, out))
+
+
+def kind_of(name: str) -> str:
+    """The kernel class of an op by name: fused attention (forward or backward), GEMM, or other."""
+    if "attention" in name:
+        return ATTENTION_BACKWARD if "backward" in name else ATTENTION
+    if any(name.startswith(f"aten.{g}") for g in ("mm", "addmm", "bmm", "baddbmm", "convolution")):
+        return GEMM
+    return OTHER
+
+
+def _gemm_shape(func, args, out) -> tuple:
+    """(batch, rows, columns) of the output tile grid: mm/addmm/bmm/baddbmm from their operands, a convolution
+    as an implicit GEMM (rows = batch x output positions, columns = output channels; backward: the input's)."""
+    try:
+        if func in GEMMS:
+            i, j = GEMMS[func]
+            a, b = args[i], args[j]
+            return (a.shape[0], a.shape[1], b.shape[2]) if a.dim() == 3 else (1, a.shape[0], b.shape[1])
+        if func in CONVOLUTIONS:
+            x = out if func is aten.convolution.default else args[0]  # backward: grad_output
+            x = x if isinstance(x, torch.Tensor) else _tensors(x)[0]
+            return (1, x.shape[0] * math.prod(x.shape[2:]), x.shape[1])
+    except (AttributeError, IndexError, TypeError):
+        pass
+    return ()
 
 
 @dataclass(frozen=True)
@@ -54,18 +94,34 @@ class StepTime:
     compute_ms: float
     memory_ms: float
     kernels: int
+    by_kind: dict = field(default_factory=dict)  # gemm | attention | attention_backward | other -> ms of step_ms
 
 
-def step_time(ops: list[OpCost], hardware: Hardware) -> StepTime | None:
-    """Sum over kernels of max(compute, memory, launch floor); None where the hardware has no time model."""
+def compute_fraction(op: OpCost, efficiency: Efficiency) -> float:
+    """The fraction of the dense peak `op`'s FLOPs run at under `efficiency`."""
+    if op.kind == GEMM:
+        return efficiency.gemm_fraction(*op.gemm) if op.gemm else efficiency.gemm
+    if op.kind in (ATTENTION, ATTENTION_BACKWARD):
+        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD)
+    return efficiency.gemm if op.flops else 1.0  # other FLOP-counted ops are matmul-like (tensor cores)
+
+
+def step_time(ops: list[OpCost], hardware: Hardware, efficiency: Efficiency = IDEAL) -> StepTime | None:
+    """Sum over kernels of max(compute, memory, launch floor); None where the hardware has no time model.
+
+    efficiency: IDEAL (default) gives the roofline bound; efficiency.for_hardware(...) the expected time.
+    compute_ms and memory_ms are the pure-compute and pure-memory sums under the same efficiencies."""
     if hardware.bandwidth_bytes_s is None or not hardware.peak_tflops:
         return None
     floor = hardware.launch_floor_us * 1e-6
+    bandwidth = hardware.bandwidth_bytes_s * efficiency.memory
     total = compute = memory = 0.0
+    by_kind: dict[str, float] = {}
     for op in ops:
-        c = op.flops / hardware.peak(op.math) if op.flops else 0.0
-        m = op.bytes / hardware.bandwidth_bytes_s
+        c = op.flops / (hardware.peak(op.math) * compute_fraction(op, efficiency)) if op.flops else 0.0
+        m = op.bytes / bandwidth
         compute += c
         memory += m
         total += max(c, m, floor)
-    return StepTime(total * 1e3, compute * 1e3, memory * 1e3, len(ops))
+        by_kind[op.kind] = by_kind.get(op.kind, 0.0) + max(c, m, floor) * 1e3
+    return StepTime(total * 1e3, compute * 1e3, memory * 1e3, len(ops), by_kind)

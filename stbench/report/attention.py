@@ -6,7 +6,7 @@ from collections import defaultdict
 import matplotlib.pyplot as plt
 
 from ..results import ATTENTION_PRESET
-from .figures import Figure, _styled, arch_colors, to_data_uri
+from .figures import Figure, _styled, arch_colors, log_scale, to_data_uri
 
 PRESET = ATTENTION_PRESET  # the preset of every `stbench attention` record
 
@@ -40,7 +40,7 @@ def speedup_figure(rows: list[dict]) -> Figure | None:
             points = sorted((r["sparsity"], r["speedup"]) for r in here if r["backend"] == backend)
             ax.plot(*zip(*points), "o-", color=colors[backend], label=backend)
         ax.axhline(1.0, color="#444444", linewidth=0.8)
-        ax.set_yscale("log")
+        log_scale(ax)
         ax.set_title(f"{n} tokens")
         ax.set_xlabel("block sparsity s")
     axes[0][0].set_ylabel("speed-up over SDPA (fwd+bwd)")

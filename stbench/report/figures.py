@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import matplotlib.ticker  # noqa: E402
 
 from .. import results  # noqa: E402
 from .verdict import config_label, settings_label  # noqa: E402
@@ -84,6 +85,12 @@ def byte_unit(values) -> tuple[float, str]:
     return (2**30, "GiB") if largest >= 4 * 2**30 else (MIB, "MiB")
 
 
+def log_scale(ax) -> None:
+    """A log y axis labelled at its decades only: minor labels would print over the major ones."""
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _spread(values: list[int]) -> list[int]:
     """At most MAX_PANELS values: smallest, middle, largest."""
     values = sorted(set(values))
@@ -124,7 +131,7 @@ def scaling_figure(records: list[dict], label: str, x_field: str, panel_field: s
         values = [v for v in values if v]
         if values and max(values) / min(values) >= LOG_SPAN:
             for ax in axes[row]:
-                ax.set_yscale("log")
+                log_scale(ax)
     axes[0][0].set_ylabel("step time, median (ms)")
     axes[1][0].set_ylabel(f"{mem_label} ({unit_name})")
     handles, labels = axes[0][0].get_legend_handles_labels()

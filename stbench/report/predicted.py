@@ -4,10 +4,13 @@ from __future__ import annotations
 import re
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 from .. import results
 from ..predict import hardware as hw
-from .figures import Figure, _styled, to_data_uri
+from . import answer, validation
+from .figures import LOG_SPAN, Figure, _styled, arch_colors, log_scale, to_data_uri
+
 
 def is_predicted(record: dict) -> bool:
     return bool(record.get("predicted"))
@@ -50,18 +53,89 @@ def pair(prediction: dict, measured: list[dict]) -> dict:
     return row
 
 
-def _family(record: dict) -> tuple:
-    """What a row of the what-fits figure holds fixed: the model, batch, mode, dtype and the layout of GPUs."""
-    return (record["arch"], record["preset"], f"b{record['batch']}", record["mode"], record["dtype"],
-            results.layout_label(record))
+PARTS = (("params", "parameters", "#4C72B0"), ("grads", "gradients", "#DD8452"), ("optimizer", "optimizer state",
+         "#55A868"), ("activations", "activations", "#C44E52"), ("transient", "transient (temporaries, cache)",
+         "#8172B3"), ("context", "CUDA context", "#93A1AD"))
+TIME_PARTS = (("compute", "compute alone", "#4C72B0"), ("hidden", "compute with communication hidden behind it",
+              "#8EBAD9"), ("exposed", "communication exposed (the step waits)", "#C44E52"))
+GIB = 2**30
+MIN_POINTS = 3  # a frontier line needs this many shapes (two are read better off the tables)
 
 
-def _largest(cases: list[dict], field: str) -> str:
-    """'N' (largest value that fits; '≥N' if every tried value fits) or 'none' over cases varying in `field`."""
-    fit = max((r[field] for r in cases if r["predicted"]["fits"]), default=None)
-    if fit is None:
-        return "none"
-    return f"{fit}" if fit < max(r[field] for r in cases) else f"≥{fit}"
+def _bar_label(o) -> str:
+    return o.name + ("" if o.fits else " (does not fit)")
+
+
+@_styled
+def memory_figure(group) -> Figure | None:
+    """Per layout, the per-rank peak stacked by kind against a line at the GPU's memory."""
+    options = sorted(group.ranked + group.unfit, key=lambda o: (o.gpus, o.name))
+    options = [o for o in options if o.p.get("breakdown")]
+    if not options:
+        return None
+    fig, ax = plt.subplots(figsize=(9.0, 0.34 * len(options) + 1.6))
+    labels = [_bar_label(o) for o in options]
+    lefts = [0.0] * len(options)
+    for key, name, color in PARTS:
+        values = [((o.p.get("context_bytes") or 0) if key == "context" else (o.p["breakdown"].get(key) or 0)) / GIB
+                  for o in options]
+        ax.barh(labels, values, left=lefts, color=color, label=name, height=0.62)
+        lefts = [a + b for a, b in zip(lefts, values)]
+    if group.memory_bytes:
+        ax.axvline(group.memory_bytes / GIB, color="black", linestyle="--", linewidth=1.2,
+                   label=f"{group.hardware_label}: {group.memory_bytes / GIB:.1f} GiB")
+    ax.invert_yaxis()
+    ax.set_xlabel("predicted peak per rank (GiB)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return Figure(f"Per-rank peak by layout: {group.model}, {group.shape} on {group.hardware} (PREDICTED)",
+                  "What each rank holds at its predicted peak: parameters, gradients and optimizer state (sharded by "
+                  "FSDP), activations kept for backward, transient memory (temporaries, allocator rounding and "
+                  "cache) and the CUDA context; the dashed line is the GPU's memory (a bar just past it may still fit: "
+                  "at the limit the caching allocator releases its cache and retries, which the fit replays). "
+                  "Predictions, not measurements.",
+                  to_data_uri(fig), "stacked horizontal bars of the predicted per-rank peak per layout")
+
+
+@_styled
+def time_figure(group) -> Figure | None:
+    """Per layout that fits, the expected step split into compute, hidden and exposed communication."""
+    options = [o for o in group.ranked if o.parts is not None]
+    if not options:
+        return None
+    fig, ax = plt.subplots(figsize=(9.0, 0.34 * len(options) + 1.6))
+    labels = [f"{o.name}" for o in options]
+    scale, unit = (1e3, "s") if max(o.step_ms for o in options) >= 1000 else (1.0, "ms")
+    lefts = [0.0] * len(options)
+    for key, name, color in TIME_PARTS:
+        values = [o.parts[key] / scale for o in options]
+        ax.barh(labels, values, left=lefts, color=color, label=name, height=0.62)
+        lefts = [a + b for a, b in zip(lefts, values)]
+    bounds = [(o.p["step_ms_bound"] / scale, i) for i, o in enumerate(options) if o.p.get("step_ms_bound")]
+    if bounds:
+        ax.scatter(*zip(*bounds), marker="|", s=260, color="black", zorder=3, label="roofline lower bound")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"predicted step time per rank ({unit})")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(7))
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return Figure(f"Step time by layout: {group.model}, {group.shape} on {group.hardware} (PREDICTED)",
+                  "The expected step of each layout that fits, fastest first: compute alone, compute with FSDP's "
+                  "and the ring's communication hidden behind it, and communication the step waits for (Ulysses "
+                  "all-to-alls, traffic longer than the compute it overlaps); the bars add up to the step time. "
+                  "The tick is the roofline lower bound where the record has one. Predictions, not measurements.",
+                  to_data_uri(fig), "stacked horizontal bars of predicted step time per layout")
+
+
+def group_figures(group) -> list[Figure | None]:
+    return [memory_figure(group), time_figure(group)]
+
+
+def _series_key(record: dict) -> tuple:
+    """What a frontier line holds fixed: model, batch and layout (the hardware is the line)."""
+    return (answer.model_label(record), record["batch"], answer.layout_name(record))
 
 
 def _most_tried(cases: list[dict], fixed: str, varied: str):
@@ -70,52 +144,61 @@ def _most_tried(cases: list[dict], fixed: str, varied: str):
 
 
 @_styled
-def fits_figure(predictions: list[dict]) -> Figure | None:
-    """What fits on which GPU: per architecture and hardware, the largest frames and resolution predicted to fit."""
-    names = [n for n in hw.NAMES if any(r["predicted"]["hardware"] == n for r in predictions)]
-    families = sorted({_family(r) for r in predictions})
-    if not names or not families:
-        return None
-    grid, notes = [], []
-    for family in families:
-        values, texts = [], []
-        for name in names:
-            cases = [r for r in predictions if r["predicted"]["hardware"] == name
-                     and _family(r) == family]
-            if not cases:
-                values.append(0)
-                texts.append("—")
-                continue
-            res = _most_tried(cases, "resolution", "frames")
-            at_res = [r for r in cases if r["resolution"] == res]
-            frames = _largest(at_res, "frames")
-            text = f"{frames} frames @ {res}px"
-            fr = _most_tried(cases, "frames", "resolution")
-            at_frames = [r for r in cases if r["frames"] == fr]
-            if len({r["resolution"] for r in at_frames}) > 1:
-                text += f"\n{_largest(at_frames, 'resolution')}px @ {fr} frames"
-            values.append(max((r["frames"] for r in at_res if r["predicted"]["fits"]), default=0))
-            texts.append(text)
-        grid.append(values)
-        notes.append(texts)
-    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 3.5, 0.6 * len(families) + 1.4))
-    ax.imshow(grid, cmap="Greens", aspect="auto", vmin=0, vmax=max(max(row) for row in grid) * 1.6 or 1)
-    for i, texts in enumerate(notes):
-        for j, text in enumerate(texts):
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(families)), [" ".join(f for f in family if f) for family in families])
-    ax.grid(False)
-    ax.set_title("largest case predicted to fit (PREDICTED, not measured)", fontsize=9)
-    fig.tight_layout()
-    return Figure("What fits on which GPU (predicted)",
-                  "Largest frame count (at the resolution where most frame counts were tried) and largest "
-                  "resolution (at the frame count where most resolutions were tried) that `stbench predict` "
-                  "predicts to fit in each GPU's memory, from fake-tensor training steps. ≥: the largest value "
-                  "tried (or legal) fits; none: not even the smallest tried. Run with --frontier for the exact "
-                  "boundary. Predictions, not measurements.",
-                  to_data_uri(fig), "grid of the largest predicted-to-fit frame counts and resolutions per "
-                  "architecture and GPU")
+def frontier_figure(predictions: list[dict]) -> list[Figure]:
+    """Per model: the predicted peak against frames (at the resolution where most frame counts were tried) and
+    against resolution (at the frame count where most resolutions were tried), one line per GPU type, each
+    with its capacity as a dashed line of the same colour."""
+    by_series = {}
+    for r in predictions:
+        if results.is_square(r):
+            by_series.setdefault(_series_key(r), []).append(r)
+    out = []
+    for (model, batch, layout), cases in sorted(by_series.items()):
+        panels = []
+        res = _most_tried(cases, "resolution", "frames")
+        at_res = [r for r in cases if r["resolution"] == res]
+        if len({r["frames"] for r in at_res}) >= MIN_POINTS:
+            panels.append(("frames", at_res, f"frames at {res}px"))
+        fr = _most_tried(cases, "frames", "resolution")
+        at_frames = [r for r in cases if r["frames"] == fr]
+        if len({r["resolution"] for r in at_frames}) >= MIN_POINTS:
+            panels.append(("resolution", at_frames, f"resolution (px, square) at {fr} frames"))
+        if not panels:
+            continue
+        names = [n for n in hw.NAMES if any(r["predicted"]["hardware"] == n for r in cases)]
+        colors = arch_colors(names)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels) + 2.6, 3.6), squeeze=False)
+        for ax, (field, rows, xlabel) in zip(axes[0], panels):
+            for name in names:
+                points = sorted((r[field], r["predicted"]["peak_bytes"] / GIB) for r in rows
+                                if r["predicted"]["hardware"] == name)
+                if not points:
+                    continue
+                ax.plot(*zip(*points), "o-", color=colors[name], markersize=3, label=f"{name} peak")
+                memory = next(r["predicted"].get("memory_bytes") for r in rows if r["predicted"]["hardware"] == name)
+                if memory:
+                    ax.axhline(memory / GIB, color=colors[name], linestyle="--", linewidth=1,
+                               label=f"{name} memory {memory / GIB:.0f} GiB")
+            values = [r["predicted"]["peak_bytes"] for r in rows]
+            if max(values) / max(min(values), 1) >= LOG_SPAN:
+                log_scale(ax)
+            ax.set_xlabel(xlabel)
+        axes[0][0].set_ylabel("predicted peak per rank (GiB)")
+        handles, labels = [], []
+        for ax in axes[0]:
+            for h, l in zip(*ax.get_legend_handles_labels()):
+                if l not in labels:
+                    handles.append(h)
+                    labels.append(l)
+        axes[0][-1].legend(handles, labels, frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.tight_layout()
+        where = f", {layout}" if layout != "1 GPU" else ""
+        out.append(Figure(f"Memory frontier: {model}, batch {batch}{where} (PREDICTED)",
+                          "Predicted peak per rank against the frame count and the frame size, one line per GPU "
+                          "type; a dashed line of the same colour is that GPU's memory: a case fits where its line "
+                          "is below its dashed line. Predictions, not measurements.", to_data_uri(fig),
+                          "predicted peak memory against frames and resolution per GPU type, with capacity lines"))
+    return out
 
 
 def section(records: list[dict]) -> dict | None:
@@ -126,5 +209,5 @@ def section(records: list[dict]) -> dict | None:
     measured = [r for r in records if not is_predicted(r)]
     rows = [pair(r, measured) for r in sorted(predictions, key=lambda r: (
         r["arch"], r["preset"], r["resolution"], r["frames"], r["batch"], r["dtype"], r["device"]))]
-    return {"rows": rows, "figure": fits_figure(predictions),
-            "compared": sum(row["measured"] is not None for row in rows)}
+    return {"rows": rows,
+            "compared": sum(row["measured"] is not None for row in rows), "validation": validation.sentence()}

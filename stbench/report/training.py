@@ -38,7 +38,8 @@ class TimeToTarget:
     peak_what: str
 
 
-def _label(record: dict) -> str:
+def label(record: dict) -> str:
+    """An architecture with its --set overrides, as training results name it."""
     sets = ",".join(f"{k}={v}" for k, v in sorted((record.get("overrides") or {}).items()))
     return record["arch"] + (f" [{sets}]" if sets else "")
 
@@ -81,7 +82,9 @@ def time_to_target(record: dict, target: float) -> TimeToTarget:
     if peak is None:
         peak, what = record.get("saved_activations"), "saved activations"
     seconds = low = high = flops = None
-    if step is not None:
+    if step is not None and record.get("flops_per_step"):
+        flops = step * record["flops_per_step"]
+    if step is not None and train.get("wall_ms"):  # a record without step times still says whether it reached
         seconds = _wall_at(train, step)
         steps_ms = np.diff(np.concatenate([[0.0], np.asarray(train["wall_ms"], dtype=float)]))
         low_ratio = high_ratio = 1.0
@@ -91,9 +94,7 @@ def time_to_target(record: dict, target: float) -> TimeToTarget:
             low_ratio, high_ratio = ci.low / steps_ms.mean(), ci.high / steps_ms.mean()
         # the evaluations around the crossing, widened by the relative interval of the mean step time
         low, high = _wall_at(train, low_step) * low_ratio, _wall_at(train, high_step) * high_ratio
-        if record.get("flops_per_step"):
-            flops = step * record["flops_per_step"]
-    return TimeToTarget(record["arch"], _label(record), train["eval"][-1][1], step, seconds, low, high, flops,
+    return TimeToTarget(record["arch"], label(record), train["eval"][-1][1], step, seconds, low, high, flops,
                         peak, what)
 
 
@@ -116,12 +117,12 @@ def _verdict(row: TimeToTarget, ref: TimeToTarget, target: float) -> str:
 
 @_styled
 def _curves(records: list[dict], title: str, target: float) -> Figure:
-    colors = arch_colors(_label(r) for r in records)
+    colors = arch_colors(label(r) for r in records)
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for r in records:
         evals = np.asarray(r["train"]["eval"], dtype=float)
         seconds = [_wall_at(r["train"], s) for s in evals[:, 0]]
-        kw = dict(color=colors[_label(r)], marker="o", markersize=3, label=_label(r))
+        kw = dict(color=colors[label(r)], marker="o", markersize=3, label=label(r))
         by_step.plot(evals[:, 0], evals[:, 1], **kw)
         by_time.plot(seconds, evals[:, 1], **kw)
     for ax, xlabel in ((by_step, "training steps"), (by_time, "training time, s (steps only)")):
@@ -135,27 +136,52 @@ def _curves(records: list[dict], title: str, target: float) -> Figure:
                   uri=to_data_uri(fig), alt=f"held-out loss against steps and time, {title}")
 
 
-def training_section(records: list[dict]) -> dict | None:
-    """Context of the Training section, or None when the run holds no `train` records."""
-    done = trained(records)
-    if not done:
-        return None
-    groups = []
-    for key, group in sorted(_groups(done).items(), key=lambda kv: str(kv[0])):
-        group = sorted(group, key=lambda r: (r["arch"] not in REFERENCES, _label(r)))
+@dataclass(frozen=True)
+class Outcome:
+    """One training group (same data, shape and starting weights): its target and each architecture's result."""
+
+    key: tuple
+    title: str
+    records: list
+    target: float
+    rows: list  # TimeToTarget, the reference first
+    notes: list
+
+    def missed(self) -> list[TimeToTarget]:
+        """The architectures that did not reach the target (never the reference, which defines it)."""
+        return [row for row in self.rows[1:] if row.steps is None]
+
+
+def outcomes(records: list[dict]) -> list[Outcome]:
+    """Each group of trained records with its target (TARGET_FRACTION of the reference's held-out improvement)
+    and every architecture's time to it."""
+    out = []
+    for key, group in sorted(_groups(trained(records)).items(), key=lambda kv: str(kv[0])):
+        group = sorted(group, key=lambda r: (r["arch"] not in REFERENCES, label(r)))
         ref = group[0]
         start, final = ref["train"]["eval"][0][1], ref["train"]["eval"][-1][1]
         target = start - TARGET_FRACTION * max(start - final, 0.0)
         rows = [time_to_target(r, target) for r in group]
-        notes = [] if final < start else [f"{_label(ref)} did not lower its held-out loss ({start:.4f} -> "
+        notes = [] if final < start else [f"{label(ref)} did not lower its held-out loss ({start:.4f} -> "
                                           f"{final:.4f}): the target is its starting loss, not a quality reached."]
         family, preset, mode, batch, frames, resolution, dtype, device, weights = key
         title = (f"{family} {preset}, mode {mode}, {resolution}px x {frames} frames, batch {batch}, {dtype} on "
                  f"{device}, weights {weights or 'random'}")
-        archs = {r["arch"] for r in group}
-        groups.append({"title": title, "target": target, "rows": rows, "reference": rows[0].label,
-                       "figure": _curves(group, title, target),
-                       "verdicts": notes + [_verdict(row, rows[0], target) for row in rows[1:]],
+        out.append(Outcome(key, title, group, target, rows, notes))
+    return out
+
+
+def training_section(records: list[dict]) -> dict | None:
+    """Context of the Training section, or None when the run holds no `train` records."""
+    found = outcomes(records)
+    if not found:
+        return None
+    groups = []
+    for o in found:
+        archs = {r["arch"] for r in o.records}
+        groups.append({"title": o.title, "target": o.target, "rows": o.rows, "reference": o.rows[0].label,
+                       "figure": _curves(o.records, o.title, o.target),
+                       "verdicts": o.notes + [_verdict(row, o.rows[0], o.target) for row in o.rows[1:]],
                        "ladder": LADDER_NOTE if "mobius-ladder-unet" in archs else None,
-                       "device": device})
+                       "device": o.key[7]})
     return {"groups": groups, "confidence": CONFIDENCE, "fraction": TARGET_FRACTION}

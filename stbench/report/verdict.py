@@ -47,7 +47,7 @@ def match_key(record: dict) -> tuple:
 
 
 def config_label(record: dict, *, short: bool = False) -> str:
-    text = f"{record['resolution']}px, {record['frames']} frames, batch {record['batch']}"
+    text = f"{results.resolution_label(record)}px, {record['frames']} frames, batch {record['batch']}"
     return text if short else f"{text} ({settings_label(record)})"
 
 
