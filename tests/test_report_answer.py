@@ -234,3 +234,12 @@ def test_the_overlap_check_sees_overlapping_labels():
     boxes = text_boxes(fig)
     plt.close(fig)
     assert ("largest case", "none frames @ 640px") in overlaps(boxes)
+
+
+def test_step_times_predicted_before_expected_times_are_labelled_bounds(rendered):
+    """The committed wan 14b records predate the expected time: their step_ms is the roofline bound, and says so."""
+    wan = _section(rendered["html"]["wan"], "answer")
+    assert "roofline lower bound: predicted before expected times" in wan
+    assert "roofline bound (predicted before expected times)" in wan
+    plan = _section(rendered["html"]["plan"], "answer")  # predicted now: expected time, its bound beside it
+    assert "predicted before expected times" not in plan and "bound " in plan

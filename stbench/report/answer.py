@@ -141,6 +141,11 @@ class Option:
         return self.p.get("step_ms")
 
     @property
+    def bound_only(self) -> bool:
+        """Predicted before expected times existed: its `step_ms` is the roofline lower bound."""
+        return self.step_ms is not None and "step_ms_bound" not in self.p
+
+    @property
     def gpu_hours(self) -> float | None:
         return None if self.step_ms is None else self.step_ms * STEPS * self.gpus / 3.6e6
 
@@ -281,7 +286,8 @@ def _headline(model: str, shape: str, label: str, best: Option | None, fewest: O
     text = (f"{where}: best {best.name} on {best.gpus} GPU{'s' if best.gpus > 1 else ''}, "
             f"{fmt_sig(best.samples_per_s)} samples/s ({fmt_sig(best.frames_per_s)} frames/s), "
             f"{format_bytes(best.p['peak_bytes'])} per rank of {format_bytes(best.p['memory_bytes'])}, "
-            f"{fmt_duration(best.step_ms)} per step, {fmt_sig(best.gpu_hours)} GPU-hours per 1,000 steps.")
+            f"{fmt_duration(best.step_ms)} per step{' (a roofline lower bound: predicted before expected times)' if best.bound_only else ''}, "
+            f"{fmt_sig(best.gpu_hours)} GPU-hours per 1,000 steps.")
     if fewest is not None and fewest is not best:
         text += (f" Fewest GPUs that fit: {fewest.gpus} ({fewest.name}, {fmt_sig(fewest.samples_per_s)} samples/s, "
                  f"{fmt_sig(fewest.gpu_hours)} GPU-hours per 1,000 steps).")
