@@ -66,6 +66,25 @@ def _bar_label(o) -> str:
     return o.name + ("" if o.fits else " (does not fit)")
 
 
+def _stacked_bars(labels: list[str], series: list[tuple[str, str, list[float]]]):
+    """A figure of horizontal bars, one per label, stacked from `series` [(legend name, color, values)] in order."""
+    fig, ax = plt.subplots(figsize=(9.0, 0.34 * len(labels) + 1.6))
+    lefts = [0.0] * len(labels)
+    for name, color, values in series:
+        ax.barh(labels, values, left=lefts, color=color, label=name, height=0.62)
+        lefts = [a + b for a, b in zip(lefts, values)]
+    return fig, ax
+
+
+def _finish_bars(fig, ax, xlabel: str) -> None:
+    """First bar on top, small layout labels, the legend outside the axes (it never covers a bar)."""
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+
+
 @_styled
 def memory_figure(group) -> Figure | None:
     """Per layout, the per-rank peak stacked by kind against a line at the GPU's memory."""
@@ -73,22 +92,13 @@ def memory_figure(group) -> Figure | None:
     options = [o for o in options if o.p.get("breakdown")]
     if not options:
         return None
-    fig, ax = plt.subplots(figsize=(9.0, 0.34 * len(options) + 1.6))
-    labels = [_bar_label(o) for o in options]
-    lefts = [0.0] * len(options)
-    for key, name, color in PARTS:
-        values = [((o.p.get("context_bytes") or 0) if key == "context" else (o.p["breakdown"].get(key) or 0)) / GIB
-                  for o in options]
-        ax.barh(labels, values, left=lefts, color=color, label=name, height=0.62)
-        lefts = [a + b for a, b in zip(lefts, values)]
+    fig, ax = _stacked_bars([_bar_label(o) for o in options], [
+        (name, color, [((o.p.get("context_bytes") or 0) if key == "context" else (o.p["breakdown"].get(key) or 0))
+                       / GIB for o in options]) for key, name, color in PARTS])
     if group.memory_bytes:
         ax.axvline(group.memory_bytes / GIB, color="black", linestyle="--", linewidth=1.2,
                    label=f"{group.hardware_label}: {group.memory_bytes / GIB:.1f} GiB")
-    ax.invert_yaxis()
-    ax.set_xlabel("predicted peak per rank (GiB)")
-    ax.tick_params(axis="y", labelsize=8)
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+    _finish_bars(fig, ax, "predicted peak per rank (GiB)")
     return Figure(f"Per-rank peak by layout: {group.model}, {group.shape} on {group.hardware} (PREDICTED)",
                   "What each rank holds at its predicted peak: parameters, gradients and optimizer state (sharded by "
                   "FSDP), activations kept for backward, transient memory (temporaries, allocator rounding and "
@@ -104,23 +114,14 @@ def time_figure(group) -> Figure | None:
     options = [o for o in group.ranked if o.parts is not None]
     if not options:
         return None
-    fig, ax = plt.subplots(figsize=(9.0, 0.34 * len(options) + 1.6))
-    labels = [f"{o.name}" for o in options]
     scale, unit = (1e3, "s") if max(o.step_ms for o in options) >= 1000 else (1.0, "ms")
-    lefts = [0.0] * len(options)
-    for key, name, color in TIME_PARTS:
-        values = [o.parts[key] / scale for o in options]
-        ax.barh(labels, values, left=lefts, color=color, label=name, height=0.62)
-        lefts = [a + b for a, b in zip(lefts, values)]
+    fig, ax = _stacked_bars([o.name for o in options],
+                            [(name, color, [o.parts[key] / scale for o in options]) for key, name, color in TIME_PARTS])
     bounds = [(o.p["step_ms_bound"] / scale, i) for i, o in enumerate(options) if o.p.get("step_ms_bound")]
     if bounds:
         ax.scatter(*zip(*bounds), marker="|", s=260, color="black", zorder=3, label="roofline lower bound")
-    ax.invert_yaxis()
-    ax.set_xlabel(f"predicted step time per rank ({unit})")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(7))
-    ax.tick_params(axis="y", labelsize=8)
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+    _finish_bars(fig, ax, f"predicted step time per rank ({unit})")
     return Figure(f"Step time by layout: {group.model}, {group.shape} on {group.hardware} (PREDICTED)",
                   "The expected step of each layout that fits, fastest first: compute alone, compute with FSDP's "
                   "and the ring's communication hidden behind it, and communication the step waits for (Ulysses "
