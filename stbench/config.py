@@ -45,6 +45,16 @@ def json_settings(settings) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
+def model_config(arch: str, preset: str, overrides: tuple[tuple[str, str], ...]):
+    """An architecture's config dataclass: the preset plus typed --set overrides (UserError on a bad one)."""
+    spec = architectures.get(arch)
+    typed = {k: parse_override_value(spec.config_cls, k, v) for k, v in overrides}
+    try:
+        return architectures.make_config(arch, preset, **typed)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"--set for {arch}: {e.args[0] if e.args else e}") from None
+
+
 def frame_fields(size: int | tuple[int, int]) -> dict:
     """One entry of --resolution (a square size, or (height, width)) as Case fields."""
     if isinstance(size, int):
@@ -198,12 +208,7 @@ class Case:
 
     def model_config(self):
         """The architecture's config dataclass: preset plus typed --set overrides."""
-        arch = architectures.get(self.arch)
-        typed = {k: parse_override_value(arch.config_cls, k, v) for k, v in self.overrides}
-        try:
-            return architectures.make_config(self.arch, self.preset, **typed)
-        except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"--set for {self.arch}: {e.args[0] if e.args else e}") from None
+        return model_config(self.arch, self.preset, self.overrides)
 
     def build_model(self, device=None):
         config = self.model_config()

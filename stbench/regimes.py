@@ -95,17 +95,20 @@ def _short_name(name: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _module_kinds(arch: str, preset: str, overrides: tuple, mode: str) -> tuple[tuple[str, str, bool], ...]:
     """(module name, class name, trains under `mode`) of every module with a weight, from a meta build."""
-    import architectures
-
-    from .overrides import parse_override_value
-
-    spec = architectures.get(arch)
-    typed = {k: parse_override_value(spec.config_cls, k, v) for k, v in overrides}
-    with torch.device("meta"):
-        model = spec.build(architectures.make_config(arch, preset, **typed))
+    model = _meta_model(arch, preset, overrides)
     model.set_training_mode(mode)
     return tuple((name, type(m).__name__, m.weight.requires_grad) for name, m in model.named_modules()
                  if isinstance(getattr(m, "weight", None), torch.nn.Parameter))
+
+
+def _meta_model(arch: str, preset: str, overrides: tuple) -> torch.nn.Module:
+    """A fresh model of the config on the meta device (no memory), for checks that read its modules."""
+    import architectures
+
+    from .config import model_config  # noqa: local - config imports this module's constants
+
+    with torch.device("meta"):
+        return architectures.get(arch).build(model_config(arch, preset, overrides))
 
 
 def lora_modules(case) -> list[str]:
@@ -160,19 +163,11 @@ def apply_regimes(model: torch.nn.Module, case) -> list[torch.nn.Module]:
         with torch.no_grad():  # parameters only: buffers (the noise schedule) keep their precision
             for p in model.parameters():
                 p.data = p.data.to(torch.bfloat16)
-    recomputed = []
     if case.fsdp is None and case.activation_checkpointing not in (None, "none"):
-        from torch.distributed._composable import checkpoint
+        from .parallel.fsdp import apply_checkpointing
 
-        from .parallel.fsdp import checkpoint_modules
-
-        recomputed = checkpoint_modules(model, model.fsdp_units(), case.activation_checkpointing)
-        if not recomputed:
-            raise ValueError(f"activation checkpointing {case.activation_checkpointing!r}: {type(model).__name__} "
-                             f"has no such modules")
-        for module in recomputed:
-            checkpoint(module)
-    return recomputed
+        return apply_checkpointing(model, model.fsdp_units(), case.activation_checkpointing)
+    return []
 
 
 def make_optimizer(case, params: list, *, lr: float, foreach: bool | None = None):
@@ -236,10 +231,8 @@ class AdamW8bitState:
 def resident_encoders(model) -> torch.nn.Module:
     """The family's frozen text encoder(s) and VAE, bf16, built on the current torch.device (architectures/
     encoders.py, helper B's part of issue 21); ValueError for a family without published encoders."""
-    try:
-        from architectures.encoders import build_resident
-    except ImportError:
-        raise ValueError("resident encoders are not available in this version (architectures.encoders)") from None
+    from architectures.encoders import build_resident
+
     encoders = build_resident(model)
     encoders.requires_grad_(False)
     return encoders
@@ -248,14 +241,8 @@ def resident_encoders(model) -> torch.nn.Module:
 @functools.lru_cache(maxsize=64)
 def check_resident_encoders(arch: str, preset: str, overrides: tuple) -> None:
     """ValueError when the model has no resident encoders (built once per config, on meta)."""
-    import architectures
-
-    from .overrides import parse_override_value
-
-    spec = architectures.get(arch)
-    typed = {k: parse_override_value(spec.config_cls, k, v) for k, v in overrides}
     with torch.device("meta"):
-        resident_encoders(spec.build(architectures.make_config(arch, preset, **typed)))
+        resident_encoders(_meta_model(arch, preset, overrides))
 
 
 def encode_on_the_fly(encoders: torch.nn.Module, model, batch) -> None:

@@ -84,6 +84,19 @@ def checkpoint_modules(model: nn.Module, units: list[nn.Module], mode: str) -> l
     return chosen
 
 
+def apply_checkpointing(model: nn.Module, units: list[nn.Module], mode: str) -> list[nn.Module]:
+    """Recompute in backward the activations of `checkpoint_modules` (composable checkpointing, which keeps the
+    modules' own hooks); ValueError when `mode` names modules the model lacks. Returns the modules."""
+    from torch.distributed._composable import checkpoint
+
+    recomputed = checkpoint_modules(model, units, mode)
+    if mode != "none" and not recomputed:
+        raise ValueError(f"activation checkpointing {mode!r}: {type(model).__name__} has no such modules")
+    for module in recomputed:
+        checkpoint(module)
+    return recomputed
+
+
 def apply_fsdp(model: nn.Module, mesh, layout: FSDPLayout, cp=None) -> list[nn.Module]:
     """Checkpoint, attach context parallelism `cp` (if any), then shard `model` in place (units first, then
     the root); returns the units.
@@ -92,16 +105,10 @@ def apply_fsdp(model: nn.Module, mesh, layout: FSDPLayout, cp=None) -> list[nn.M
     checkpointing saves a block's inputs in its own pre-hook and, in backward, calls the block again with them
     (every other hook active): registered after it, the token hook sees the whole sequence both times and shards
     it once; registered before, the recomputation would shard already-sharded tokens."""
-    from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     units = model.fsdp_units()
-    recomputed = checkpoint_modules(model, units, layout.activation_checkpointing)
-    if layout.activation_checkpointing != "none" and not recomputed:
-        raise ValueError(f"activation checkpointing {layout.activation_checkpointing!r}: {type(model).__name__} "
-                         f"has no such modules")
-    for module in recomputed:
-        checkpoint(module)
+    apply_checkpointing(model, units, layout.activation_checkpointing)
     if cp is not None:
         cp.attach(model)  # no optimizer hook: FSDP's reduce-scatter averages the gradients
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
