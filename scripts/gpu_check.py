@@ -11,7 +11,8 @@ Steps (each logged to OUT/logs/, timed, limited; the summary says ok, FAILED or 
   gate       `stbench gate` A/A (the suites and the sweep each against themselves; against this GPU's committed
              baseline too where one exists), the sweep's report, and the baseline folder OUT/reports/baselines/<slug>/
 --dry-run: the same steps on the CPU at tiny presets and the smallest shapes; the steps that need CUDA (pytest -m
-cuda) are listed as skipped, and predict, attention and suites start at once beside the sweep (DRY_BACKGROUND).
+cuda) are listed as skipped, and predict, attention and suites start at once beside the sweep (DRY_BACKGROUND;
+attention and suites, which need nothing the env step finds, beside env's imports already: DRY_EARLY).
 Exit 0 only if every step ran (in a dry run, every step that does not need CUDA).
 
 Runs with the standard library alone: stbench's commands run in child processes, several per process where they
@@ -94,6 +95,7 @@ SUITES_DRY = ["--stbench-device", "cpu", "--stbench-grid", "tiny", "--stbench-ar
 # GPU only the predictions run beside another step (pytest -m cuda, which times nothing); the rest would disturb
 # the timings.
 DRY_BACKGROUND = ("predict", "attention", "suites")
+DRY_EARLY = ("attention", "suites")  # ... started before env, whose single process leaves a core idle
 
 # Time limits per step (seconds), and what each is expected to take on one H100 (estimated from the case sizes:
 # see the README's GPU section). A step past its limit is stopped and marked FAILED; later steps still run
@@ -128,7 +130,7 @@ from stbench.predicted_vs_measured import hardware_for_gpu
 dry, path = sys.argv[1] == "dry", sys.argv[2]
 info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available()}
-for name in %r:
+for name in %r if dry or info["cuda_available"] else ():  # without CUDA a GPU check ends here: no imports
     module = __import__(name)
     info[name] = getattr(module, "__version__", "?")
 if info["cuda_available"]:
@@ -492,10 +494,14 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     print(f"gpu_check: {'dry run' if args.dry_run else 'GPU check'} -> {out}", flush=True)
     check.step("setup", check.setup)
+    if args.dry_run and all(o.status == "ok" for o in check.outcomes):
+        for name in DRY_EARLY:
+            check.launch(name)
     check.step("env", check.environment)
     if all(o.status == "ok" for o in check.outcomes):
         for name in DRY_BACKGROUND if args.dry_run else ("predict",):
-            check.launch(name)
+            if name not in check.background:
+                check.launch(name)
     check.step("pytest", check.pytest_cuda, needs_cuda=True)
     check.step("sweep", check.sweep)
     check.step("predict", check.predict)

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None, prog: str = "stbench") -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        from .measure.memory import freeze_imports
+
+        freeze_imports()  # the parser imported every command's modules
         args.argv = argv  # the command line as typed: run.json records it for reproduction
         return int(importlib.import_module(COMMANDS[args.command][0]).execute(args) or 0)
     except UserError as e:

@@ -26,7 +26,7 @@ from .config import (ACTIVATION_CHECKPOINTING, CONTEXT_PARALLEL, DTYPES, Case, f
 from .errors import UserError
 from .overrides import comma_list, one_resolution
 from .predict import hardware as hw
-from .predict.command import Predictor
+from .predict.command import Predictor, add_exact_argument
 from .regimes import add_regime_arguments, regime_flags, regime_settings
 from .runner import fsdp_settings
 from .units import format_bytes
@@ -170,13 +170,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch per FSDP rank (default 1)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="autocast dtype (default bf16)")
     parser.add_argument("--gpus", type=int, required=True, help="GPU count to plan for (each layout is one fake "
-                        "training step of one rank: about a minute for a 14B model on this project's CPU)")
+                        "training step of one rank, its repeated blocks traced once: seconds for a 14B model)")
     parser.add_argument("--hardware", default="h100-sxm", help=f"one of {', '.join(hw.HARDWARE)}")
     parser.add_argument("--activation-checkpointing", default="none,blocks",
                         help="comma-separated choices to consider (default none,blocks)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (repeatable)")
     add_regime_arguments(parser, checkpointing=False)  # plan's --activation-checkpointing lists choices
+    add_exact_argument(parser)
     parser.add_argument("--resume", action="store_true", help="reuse the predictions already in OUT")
     parser.add_argument("--out", default=None, help="run folder for the predictions and plan.txt "
                         "(default: runs/plan-<arch>-<gpus>)")
@@ -200,11 +201,11 @@ def execute(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/plan-{args.arch}-{args.gpus}")
     command = shlex.join(["python", "-m", "stbench", *(getattr(args, "argv", None) or sys.argv[1:])])
     settings = {**json_settings(base), "gpus": args.gpus, "hardware": args.hardware,
-                "activation_checkpointing": list(checkpointing)}
+                "activation_checkpointing": list(checkpointing), "exact": args.exact}
     path = runfolder.open_run_folder(out, command=command, resume=args.resume, settings=settings)
     done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
-    rows = plan(base, args.gpus, target, Predictor(out, done, echo=lambda line: print(line, file=sys.stderr)),
-                checkpointing)
+    predict = Predictor(out, done, echo=lambda line: print(line, file=sys.stderr), exact=args.exact)
+    rows = plan(base, args.gpus, target, predict, checkpointing)
     text = render(rows, base, args.gpus, target)
     (out / PLAN_FILE).write_text(text + "\n")
     print(text)

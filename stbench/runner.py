@@ -171,6 +171,7 @@ def run_case_isolated(case: Case, *, repeats: int = 5, warmup: int = 2, trace_di
 def _child_main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     _load_plugins(job["plugins"])
+    memory.freeze_imports()
     case = _case_from_json(job["case"])
     trace_dir = Path(job["trace_dir"]) if job["trace_dir"] else None
     try:

@@ -7,6 +7,7 @@ device synchronisation, so on CUDA the GPU work is timed, not the kernel launche
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -41,15 +42,44 @@ GRID_KEY = pytest.StashKey[grid.GridSpec]()
 def pytest_configure(config):
     # Collected as tests (`pytest tests suites`, without --benchmark-only or --benchmark-enable), every case is a
     # smoke test with the same assertions: the engine's warm-up, then one timed step instead of --stbench-rounds
-    # (pytest-benchmark disabled); --benchmark-only benchmarks the grid.
-    if not config.getoption("benchmark_only", False) and not config.getoption("benchmark_enable", False):
+    # (pytest-benchmark disabled), at the grid's fewest frames unless --stbench-frames names them (more frames run
+    # the same code on a longer sequence); --benchmark-only benchmarks the grid.
+    smoke = not config.getoption("benchmark_only", False) and not config.getoption("benchmark_enable", False)
+    if smoke:
         config.option.benchmark_disable = True
     try:
-        spec = grid.grid_spec(_get_option(config))
+        get = _get_option(config)
+        spec = grid.grid_spec(get)
+        if smoke and get("frames") is None:
+            spec = dataclasses.replace(spec, frames=(min(spec.frames),))
         grid.check_archs(spec)
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
     config.stash[GRID_KEY] = spec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _freeze_what_earlier_modules_left():
+    """Each case's gc.collect() (stbench.measure.memory) scans only what this module made: what exists now (the
+    imports, what earlier modules left) moves to the permanent generation, garbage collected first."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_as_a_test(pytestconfig):
+    """Collected as tests (pytest-benchmark disabled), a case times nothing that matters: one intra-op thread, as
+    in tests/, since two spin at OpenMP's barriers while other work holds one of the cores (a tiny UNet step
+    took 5 s instead of 40 ms on 2 cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if pytestconfig.option.benchmark_disable:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

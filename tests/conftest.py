@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 import time
@@ -17,6 +18,10 @@ from architectures import Architecture, VideoModel
 
 REPO = Path(__file__).resolve().parent.parent
 TOY_ARCH = "toy-mlp"
+# Two shared cores: the processes tests start (stbench commands, ranks, --isolate's children) run one intra-op
+# thread too; two would spin at OpenMP's barriers while the machine's other work holds a core (a tiny UNet step:
+# 5 s instead of 40 ms)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,24 @@ def toy_case():
         return Case(**{"arch": TOY_ARCH, "frames": 2, "resolution": 16, **fields})
 
     return make
+
+
+def freeze_garbage_collector() -> None:
+    """Move every object that exists now to the garbage collector's permanent generation, garbage collected first
+    (a frozen cycle is never collected). Each measured case calls gc.collect() (stbench.measure.memory), which
+    scans every tracked object: the imports' ~400k and what earlier test modules left (diffusers, matplotlib,
+    fixtures' models) made one collection cost 0.2-0.5 s late in the suite."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_finish(session):
+    freeze_garbage_collector()  # as the command line freezes its imports (stbench.measure.memory.freeze_imports)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _freeze_what_earlier_modules_left():
+    freeze_garbage_collector()  # a module's cases' collections scan only what the module made
 
 
 @pytest.fixture(autouse=True)

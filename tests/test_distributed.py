@@ -42,9 +42,25 @@ def _worker(rank, world, fn, out_dir):
 
 
 def run_ranks(fn, tmp_path, world=WORLD) -> list:
-    """Run `fn(rank, world)` on `world` gloo processes; returns each rank's JSON-able result."""
-    mp.spawn(_worker, args=(world, fn, str(tmp_path)), nprocs=world, join=True)
+    """Run `fn(rank, world)` on `world` gloo processes; returns each rank's JSON-able result. One rank runs in
+    this process (a started one would spend seconds importing torch and stbench)."""
+    if world == 1:
+        _worker(0, 1, fn, str(tmp_path))
+    else:
+        mp.spawn(_worker, args=(world, fn, str(tmp_path)), nprocs=world, join=True)
     return [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _each(checks: dict, rank, world) -> dict:
+    """Several rank functions, one after another in one process group: name -> result."""
+    return {name: fn(rank, world) for name, fn in checks.items()}
+
+
+def ranks_once(checks: dict, tmp_path, world=WORLD) -> dict:
+    """`checks` (name -> fn(rank, world)) on one start of `world` ranks (each start imports torch and stbench
+    in every rank); name -> each rank's result."""
+    results = run_ranks(functools.partial(_each, checks), tmp_path, world=world)
+    return {name: [r[name] for r in results] for name in checks}
 
 
 def _qkv(seed=0, B=2, H=4, N=32, D=8):
@@ -130,9 +146,9 @@ def _attention_functions(rank, world):
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_attention_functions_match_dense_and_count_bytes(world, tmp_path):
+def test_attention_functions_match_dense_and_count_bytes(world, request):
     B, H, N, D, _ = SIZES[world].values()
-    results = run_ranks(_attention_functions, tmp_path, world=world)
+    results = request.getfixturevalue("two_ranks" if world == 2 else "three_ranks")["attention"]
     head_shard = B * (N // world) * D * 8  # one head's local (B, n, D) in fp64
     for rank, seen in enumerate(results):
         for mode in ("ring", "ulysses"):
@@ -220,10 +236,24 @@ def _model_equivalence(mode, rank, world, frames=8, configs=None, resolution=64)
     return summary
 
 
+def _ring_dsv_defaults(rank, world):
+    return _model_equivalence("ring", rank, world, configs=(("dit-dsv", DSV_DEFAULTS),), resolution=128)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The 2-rank checks (attention functions; model equivalences: ulysses, ring, ring + DSV at its defaults) on
+    one start of the ranks."""
+    return ranks_once({"attention": _attention_functions,
+                       "ulysses": functools.partial(_model_equivalence, "ulysses"),
+                       "ring": functools.partial(_model_equivalence, "ring"),
+                       "ring_dsv_defaults": _ring_dsv_defaults}, tmp_path_factory.mktemp("two_ranks"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_context_parallel_step_equals_single_process(mode, tmp_path):
-    results = run_ranks(functools.partial(_model_equivalence, mode), tmp_path)
+def test_context_parallel_step_equals_single_process(mode, two_ranks):
+    results = two_ranks[mode]
     assert results[0]["sparse_heads"] == [2, 2]  # the second step really ran block-sparse
     assert results[0]["uneven_sparse_heads"] == [[True, False, False, True]] * 2
     # expected per-rank work (2 layers): ulysses places heads by LPT: {1, 3} and {0, 2} -> 1.25 and 1.125
@@ -242,15 +272,11 @@ def test_context_parallel_step_equals_single_process(mode, tmp_path):
             "grad_sync": grads * 2 * (WORLD - 1) // WORLD}
 
 
-def _ring_dsv_defaults(rank, world):
-    return _model_equivalence("ring", rank, world, configs=(("dit-dsv", DSV_DEFAULTS),), resolution=128)
-
-
 @pytest.mark.slow
-def test_ring_dsv_at_its_defaults_equals_single_process(tmp_path):
+def test_ring_dsv_at_its_defaults_equals_single_process(two_ranks):
     """Ring + DSV with cube query groups (the default): loss, gradients, estimator gradients and profiles equal
     one process's (asserted on every rank inside), the sparse step ran sparse, and no note says otherwise."""
-    results = run_ranks(_ring_dsv_defaults, tmp_path)
+    results = two_ranks["ring_dsv_defaults"]
     for r in results:
         assert r["defaults"]["query_groups"] == ["cube", "cube"]
         assert r["defaults"]["sparse_heads"] == [2, 2]  # step 2: every head block-sparse (top-2 of 8 blocks)
@@ -286,16 +312,24 @@ def test_ring_dsv_cubes_that_span_ranks_are_chosen_per_rank_and_noted():
         assert "raster query groups run" in attn.warnings[-1]
 
 
-@pytest.mark.slow
-def test_ulysses_with_a_rank_holding_no_heads(tmp_path):
-    """3 ranks, 2 heads: one rank holds no head yet joins every collective (forward and backward)."""
-    results = run_ranks(functools.partial(_model_equivalence_kw, "ulysses", 6), tmp_path, world=3)
-    assert all(r["sparse_heads"] == [2, 2] for r in results)
-
-
 def _model_equivalence_kw(mode, frames, rank, world):  # 6 frames: 96 tokens, 2 DSV blocks per rank
     return _model_equivalence(mode, rank, world, frames=frames,
                               configs=(("dit-full", {}), ("dit-dsv", DSV_SET)))
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    """The 3-rank checks (attention functions; ulysses with a rank holding no head) on one start of the ranks."""
+    return ranks_once({"attention": _attention_functions,
+                       "no_heads": functools.partial(_model_equivalence_kw, "ulysses", 6)},
+                      tmp_path_factory.mktemp("three_ranks"), world=3)
+
+
+@pytest.mark.slow
+def test_ulysses_with_a_rank_holding_no_heads(three_ranks):
+    """3 ranks, 2 heads: one rank holds no head yet joins every collective (forward and backward)."""
+    results = three_ranks["no_heads"]
+    assert all(r["sparse_heads"] == [2, 2] for r in results)
 
 
 def _launch_ranks(tmp_path, extra_env, world=WORLD, timeout=90):

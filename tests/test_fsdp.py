@@ -10,7 +10,7 @@ import torch
 from stbench.measure import activations, memory
 from stbench.parallel import fsdp as fsdp_lib
 from stbench.parallel.context_parallel import analytic_bytes
-from tests.test_distributed import MODEL_TOL, run_ranks
+from tests.test_distributed import MODEL_TOL, ranks_once, run_ranks
 
 # (arch, mode, fsdp degree, context parallel, activation checkpointing): dit-full full trains everything; the
 # others keep frozen (spatial) parameters inside sharded units, which FSDP2 must leave out of the reduce-scatter
@@ -159,17 +159,23 @@ def _check_bytes(results, world):
             assert r["sent"] == {kind: sent for kind, sent in expected.items() if sent or world > 1}, key
 
 
-@pytest.mark.slow
-def test_fsdp_and_fsdp_x_ring_step_equal_one_process(tmp_path):
-    results = run_ranks(functools.partial(_fsdp_equivalence, WORLD2), tmp_path, world=2)
-    _check_bytes(results, 2)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The 2-rank equivalences (the DiT and UNets, Wan, mixed precision) on one start of the ranks."""
+    return ranks_once({"world2": functools.partial(_fsdp_equivalence, WORLD2),
+                       "wan2": functools.partial(_fsdp_equivalence, WAN2), "mixed": _mixed_precision},
+                      tmp_path_factory.mktemp("two_ranks"), world=2)
 
 
 @pytest.mark.slow
-def test_wan_under_fsdp_and_fsdp_x_ring_and_ulysses_equals_one_process(tmp_path):
+def test_fsdp_and_fsdp_x_ring_step_equal_one_process(two_ranks):
+    _check_bytes(two_ranks["world2"], 2)
+
+
+@pytest.mark.slow
+def test_wan_under_fsdp_and_fsdp_x_ring_and_ulysses_equals_one_process(two_ranks):
     """diffusers' Wan: loss and every gathered gradient equal one process; bytes equal the analytic count."""
-    results = run_ranks(functools.partial(_fsdp_equivalence, WAN2), tmp_path, world=2)
-    _check_bytes(results, 2)
+    _check_bytes(two_ranks["wan2"], 2)
 
 
 @pytest.mark.slow
@@ -214,7 +220,7 @@ def _mixed_precision(rank, world):
 
 
 @pytest.mark.slow
-def test_mixed_precision_step_is_close_to_the_fp32_step(tmp_path):
+def test_mixed_precision_step_is_close_to_the_fp32_step(two_ranks):
     """bf16 parameters, fp32 reduction: loss and gradients within bf16's error of the fp32 step.
 
     bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3). The loss is a mean over 3072 squared errors, so
@@ -223,7 +229,7 @@ def test_mixed_precision_step_is_close_to_the_fp32_step(tmp_path):
     in exact arithmetic (the key biases: softmax ignores a shift of every key) keeps a relatively large error:
     each parameter's gradient within 10% of its fp32 norm (measured: mean 0.9%, largest 3.1%, attn2.to_k.bias).
     A bug (a missing reduction, a wrong scale, an unsynchronised shard) is off by 50% or more."""
-    (r0, r1) = run_ranks(_mixed_precision, tmp_path, world=2)
+    (r0, r1) = two_ranks["mixed"]
     assert r0["loss"] == r1["loss"]
     assert r0["loss"] == pytest.approx(r0["ref_loss"], rel=2e-3)
     for name, (error, dtype) in r0["errors"].items():

@@ -79,15 +79,37 @@ def _one_tiny_case() -> str:
     return next(e.id for e in entries if e.case is not None)
 
 
-@pytest.mark.slow
-def test_suite_runs_one_tiny_case_and_records_it(tmp_path):
+@pytest.fixture(scope="module")
+def suite_runs(tmp_path_factory):
+    """The two `pytest suites/` runs of this module, started together (each spends most of its time starting
+    pytest and importing): name -> (its folder, the finished process)."""
+    runs = {}
+    for name, command in (("one", _one_tiny_case_command), ("oom", _oom_command)):
+        folder = tmp_path_factory.mktemp(name)
+        argv, env = command(folder)
+        runs[name] = folder, subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)
+    done = {}
+    for name, (folder, proc) in runs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        done[name] = folder, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return done
+
+
+def _one_tiny_case_command(tmp_path):
     case_id = _one_tiny_case()
     out, bench_json = tmp_path / "suite" / "results.jsonl", tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STBENCH_")}
-    command = [sys.executable, "-m", "pytest", "suites/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
-               "-k", case_id, "--stbench-device", "cpu", "--stbench-grid", "tiny", "--stbench-rounds", "3",
-               "--stbench-out", str(out), f"--benchmark-json={bench_json}"]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return [sys.executable, "-m", "pytest", "suites/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+            "-k", case_id, "--stbench-device", "cpu", "--stbench-grid", "tiny", "--stbench-rounds", "3",
+            "--stbench-out", str(out), f"--benchmark-json={bench_json}"], env
+
+
+@pytest.mark.slow
+def test_suite_runs_one_tiny_case_and_records_it(suite_runs):
+    case_id = _one_tiny_case()
+    tmp_path, proc = suite_runs["one"]
+    out, bench_json = tmp_path / "suite" / "results.jsonl", tmp_path / "bench.json"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 passed" in proc.stdout
 
@@ -157,17 +179,21 @@ architectures.register(Architecture("oom-toy", "unet", OomConfig, {"tiny": OomCo
 '''
 
 
-@pytest.mark.slow
-def test_out_of_memory_is_recorded_and_skipped_and_disabled_benchmark_runs_once(tmp_path):
+def _oom_command(tmp_path):
     (tmp_path / "oom_toy_arch.py").write_text(OOM_PLUGIN)
     out = tmp_path / "suite" / "results.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STBENCH_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "pytest", "-p", "oom_toy_arch", "suites/", "--benchmark-disable", "-q", "-rs",
-               "-p", "no:cacheprovider", "--stbench-device", "cpu", "--stbench-arch", "oom-toy", "--stbench-batch",
-               "1,2", "--stbench-frames", "2", "--stbench-resolution", "16", "--stbench-mode", "full",
-               "--stbench-out", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return [sys.executable, "-m", "pytest", "-p", "oom_toy_arch", "suites/", "--benchmark-disable", "-q", "-rs",
+            "-p", "no:cacheprovider", "--stbench-device", "cpu", "--stbench-arch", "oom-toy", "--stbench-batch",
+            "1,2", "--stbench-frames", "2", "--stbench-resolution", "16", "--stbench-mode", "full",
+            "--stbench-out", str(out)], env
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_recorded_and_skipped_and_disabled_benchmark_runs_once(suite_runs):
+    tmp_path, proc = suite_runs["oom"]
+    out = tmp_path / "suite" / "results.jsonl"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 passed, 3 skipped" in proc.stdout  # batch 2 ran out of memory; the DiT and video suites have no case
     assert "oom-toy-tiny-full-r16-f2-b2-fp32-cpu: out of memory (recorded as oom)" in proc.stdout

@@ -223,7 +223,7 @@ def test_dense_wan_checkpoint_starts_dsv_fresh_and_other_missing_keys_are_refuse
     assert not (tmp_path / "run" / runfolder.RESULTS_FILE).exists()
 
 
-def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
+def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "stbench", "train", "--arch", "dit-full,dit-window", "--frames", "2",
             "--resolution", "32", "--steps", "60", "--eval-every", "60", "--heldout", "2", "--no-progress",
@@ -238,14 +238,13 @@ def test_killed_train_resumes_without_losing_or_duplicating_a_case(tmp_path):
     child.send_signal(signal.SIGKILL)  # during the second case
     child.wait()
     assert [r["arch"] for r in results.read_records(path)] == ["dit-full"]
-    # resuming with other training settings would mix cases trained differently: refused, nothing written
-    other = subprocess.run(argv[:argv.index("--steps") + 1] + ["3"] + argv[argv.index("--steps") + 2:] +
-                           ["--resume"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert other.returncode == 2 and other.stderr.strip() == (
+    # resuming with other training settings would mix cases trained differently: refused, nothing written (in
+    # this process: the refusal comes before any training, where a new interpreter would spend seconds importing)
+    other = argv[3:argv.index("--steps") + 1] + ["3"] + argv[argv.index("--steps") + 2:] + ["--resume"]
+    assert main(other) == 2 and capsys.readouterr().err.strip() == (
         f"stbench: error: --resume: {out} holds dit-full trained with other settings (--steps 60 there, 3 now); "
         f"pass the same settings or another --out")
-    done = subprocess.run(argv + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert main(argv[3:] + ["--resume"]) == 0, capsys.readouterr().err
     records = results.read_records(path)
     assert sorted(r["arch"] for r in records) == ["dit-full", "dit-window"]
     assert len({results.case_key(r) for r in records}) == 2

@@ -3,6 +3,9 @@
 Every kind is a `SelfAttention` module: forward(x (B, N, C), grid (F, h, w), cp=None) -> (B, N, C), with its
 core a function of q, k, v of shape (B, H, N, D) (tokens in (frame, row, col) order) that context
 parallelism can call on gathered tokens.
+
+What must run eagerly inside torch.compile is decorated with torch._disable_dynamo (torch's own lazy form of
+torch.compiler.disable): it imports torch._dynamo (about 1 s) at the first call instead of at import.
 """
 from __future__ import annotations
 

@@ -328,7 +328,7 @@ class DSVAttention(SelfAttention):
                                                 v.index_select(1, rest))], 1)
         return out.index_select(1, back)  # back to head order
 
-    @torch.compiler.disable  # eager, so its graph stays apart from a compiled model's (stepped on its own)
+    @torch._disable_dynamo  # eager, so its graph stays apart from a compiled model's (stepped on its own)
     def train_estimator(self, q, k, q_est, k_est, heads: slice, profile: bool):
         """The estimator's loss on sampled queries: (1 - cosine) + norm_weight * (norm ratio - 1)^2 of the
         estimated vs true logit rows; with `profile`, also fold this step's per-head sparsity into the profile."""

@@ -123,7 +123,7 @@ class DSVStages:
 
     # Step bookkeeping runs outside torch.compile: a traced int counter would be guarded on and recompiled
     # every step; the layers' `sparse_active` flag changes once (stage 1 -> 2), so at most one recompile.
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def _begin_forward(self, sample, timesteps, text):
         self._last_inputs = (sample[:1].detach(), timesteps[:1], text[:1].detach())
         if self.switch_step is None and self.steps_done >= self.config.dense_steps:
@@ -134,7 +134,7 @@ class DSVStages:
             layer.sparse_active = stage2
             layer.profile_now = not stage2 or (every > 0 and since > 0 and since % every == 0)
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def _after_loss(self):
         """Step the estimators on their own losses, log the step's computed work, decide the stage switch."""
         stage2 = self.switch_step is not None

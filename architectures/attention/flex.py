@@ -112,7 +112,7 @@ def _flex_call(q, k, v, block_mask, block_size: int, scale: float):
     return out[..., :nq, :head_dim]
 
 
-@torch.compiler.disable  # the kernel is compiled on its own; an outer torch.compile calls it as is
+@torch._disable_dynamo  # the kernel is compiled on its own; an outer torch.compile calls it as is
 def flex_block_sparse_attention(q, k, v, block_mask, block_size: int, scale: float, *, fallback=None,
                                 on_fallback=None):
     """FlexAttention forward and backward; if the backward kernel fails to build, `fallback(q, k, v)`'s

@@ -166,7 +166,7 @@ def _gather_unpadded(q, k, v, block_mask, block_size: int, scale: float, recompu
                                          uniform)[..., :nq, :]
 
 
-@torch.compiler.disable  # data-dependent sizes and a hand-written backward: run eagerly inside torch.compile
+@torch._disable_dynamo  # data-dependent sizes and a hand-written backward: run eagerly inside torch.compile
 def gather_block_sparse_attention(q, k, v, block_mask, block_size: int, seq_len: int, scale: float,
                                   recompute: bool = False, kmax: int | None = None, uniform: bool = False):
     """Exact block-sparse attention by gathering each query block's key/value blocks (any device).
@@ -194,7 +194,7 @@ def gather_block_sparse_attention(q, k, v, block_mask, block_size: int, seq_len:
                             v.reshape(B * H * nk, block_size, D), flat, mask, scale, recompute).view(B, H, Nq, D)
 
 
-@torch.compiler.disable
+@torch._disable_dynamo
 def gather_token_attention(q, k, v, key_index, block_size: int, scale: float, recompute: bool = False):
     """Exact attention of each query block to its own set of key tokens (token-level key selection).
 

@@ -51,6 +51,7 @@ class PredictSweep:
     param_dtype: str = "fp32"
     optimizer: str = "adamw"
     encoders: str = "precomputed"
+    exact: bool = False  # trace every block instead of tracing repeated blocks once (stbench.predict.blocks)
 
     def __post_init__(self):
         for name in ("archs", "hardware", "resolutions", "frames", "batches", "world_sizes"):
@@ -127,8 +128,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "count predicted to fit at each resolution and the largest resolution at each frame count "
                         "(bisection over fake runs); 'gpus': the fewest GPUs predicted to fit each case (FSDP over "
                         "powers of two, --context-parallel degree kept); 'all' (the default): both")
+    add_exact_argument(parser)
     parser.add_argument("--resume", action="store_true", help="skip cases already in OUT/results.jsonl")
     parser.add_argument("--out", default=None, help="run folder (default: runs/predict-<UTC time>)")
+
+
+def add_exact_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exact", action="store_true", help="trace every block of the model (the reference; "
+                        "slower): by default a list of identical blocks is traced at its first, three inner and "
+                        "last blocks and the others spliced in, which gives the same bytes, FLOPs and collectives")
 
 
 def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
@@ -141,7 +149,8 @@ def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
                          context_parallel=args.context_parallel,
                          activation_checkpointing=args.activation_checkpointing,
                          fsdp_reshard_after_forward=args.fsdp_reshard_after_forward,
-                         fsdp_mixed_precision=args.fsdp_mixed_precision or None, **regime_settings(args))
+                         fsdp_mixed_precision=args.fsdp_mixed_precision or None, exact=args.exact,
+                         **regime_settings(args))
     for arch in sweep.archs:  # every case is checked before anything is written
         for name in sweep.hardware:
             for r in sweep.resolutions:
@@ -155,14 +164,14 @@ def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
 class Predictor:
     """Predicts cases into a run folder: appends a record per new (case, hardware), reuses recorded ones."""
 
-    def __init__(self, out: Path, done: dict[str, dict], echo=print):
-        self.out, self.done, self.echo = out, done, echo
+    def __init__(self, out: Path, done: dict[str, dict], echo=print, exact: bool = False):
+        self.out, self.done, self.echo, self.exact = out, done, echo, exact
 
     def __call__(self, case: Case, target: hw.Hardware, world: int = 1) -> dict:
         key = results.case_key({**case.identity(world), "device": target.name, "predicted": True})
         if key in self.done:
             return self.done[key]
-        record = predict_case(case, target, world)
+        record = predict_case(case, target, world, self.exact)
         results.append_record(self.out / runfolder.RESULTS_FILE, record)
         self.done[key] = record
         self.echo(describe(record))
@@ -336,7 +345,7 @@ def execute(args: argparse.Namespace) -> int:
     command = shlex.join(["python", "-m", "stbench", *(argv if argv is not None else sys.argv[1:])])
     path = runfolder.open_run_folder(out, command=command, resume=args.resume, settings=json_settings(sweep))
     done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
-    predict = Predictor(out, done)
+    predict = Predictor(out, done, exact=sweep.exact)
     targets = [hw.get(name) for name in sweep.hardware]
 
     def emit(line: str) -> None:

@@ -17,9 +17,19 @@ CATEGORIES = (fake.PARAMS, fake.GRADS, fake.OPTIMIZER, fake.ACTIVATIONS)
 
 
 @functools.lru_cache(maxsize=32)
-def cached_trace(case: Case, foreach: bool, world: int = 1) -> fake.StepTrace:
-    """A case's trace is the same for every GPU (AdamW foreach on all of them): trace once, replay per GPU."""
-    return fake.trace_step(case, foreach=foreach, world=world)
+def cached_trace(case: Case, foreach: bool, world: int = 1, exact: bool = False) -> fake.StepTrace:
+    """A case's trace is the same for every GPU (AdamW foreach on all of them): trace once, replay per GPU
+    (a plan's or frontier's repeated case too). exact: every block traced (fake.trace_step)."""
+    return fake.trace_step(case, foreach=foreach, world=world, exact=exact)
+
+
+def trace_method(trace: fake.StepTrace, exact: bool) -> dict:
+    """How the step was traced (the record's predicted.trace): every block, or each repeated list's first, three
+    inner and last blocks with the rest spliced in; `refused` says why a model was traced whole."""
+    if trace.reuse and not exact:
+        return {"exact": False, "repeated": {name: {"blocks": n, "traced": traced}
+                                             for name, (n, traced) in trace.reuse.items()}}
+    return {"exact": True, **({"refused": trace.refused} if trace.refused and not exact else {})}
 
 
 def foreach_for(hardware: Hardware) -> bool:
@@ -105,13 +115,13 @@ def _add_communication(predicted: dict, trace: fake.StepTrace, hardware: Hardwar
                      step_ms_serial=kernels + comm.overlapped_ms + comm.blocking_ms)
 
 
-def predict_case(case: Case, hardware: Hardware, world: int = 1) -> dict:
+def predict_case(case: Case, hardware: Hardware, world: int = 1, exact: bool = False) -> dict:
     """A complete result record for `case` on `hardware` (one rank of `world` with `case.fsdp`): status ok,
-    oom (predicted not to fit) or error."""
+    oom (predicted not to fit) or error; exact: trace every block (the reference for the spliced trace)."""
     record = results.new_record({**case.identity(world), "device": hardware.name})
     record["env"] = env.collect_env("cpu")  # the machine that predicted, not the target
     try:
-        trace = cached_trace(case, foreach_for(hardware), world)
+        trace = cached_trace(case, foreach_for(hardware), world, exact)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - a model that cannot run on fake tensors is a result, not a crash
@@ -120,6 +130,7 @@ def predict_case(case: Case, hardware: Hardware, world: int = 1) -> dict:
         record["error"] = "\n".join(traceback.format_exc().rstrip().splitlines()[-25:])[-4000:]
         return record
     predicted = prediction(trace, hardware)
+    predicted["trace"] = trace_method(trace, exact)
     record["predicted"] = predicted
     record["status"] = "ok" if predicted["fits"] else "oom"
     if not predicted["fits"]:

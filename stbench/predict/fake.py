@@ -19,11 +19,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TORCH_DTYPES, Case
+from ..errors import UserError
 from ..measure import activations, memory
 from ..measure.memory import local_tensor
 from ..parallel import fsdp as fsdp_lib
 from .. import regimes
-from . import sharded, sparse
+from . import blocks, sharded, sparse
 from .roofline import OpCost, launches_kernel, op_cost
 
 PARAMS, GRADS, OPTIMIZER, ACTIVATIONS = "params", "grads", "optimizer", "activations"
@@ -50,6 +51,8 @@ class StepTrace:
     layout: object = None  # the FSDPLayout traced (one of its ranks), None for one process
     comm: dict = field(default_factory=dict)  # (kind, group ranks) -> [bytes this rank sends, calls], last step
     # (CollectiveCounter.by_group)
+    reuse: dict = field(default_factory=dict)  # list name -> [blocks, blocks traced] (blocks.splice); {}: whole
+    refused: str | None = None  # why repeated blocks were not traced once (the model was traced whole)
 
     def live_at(self, index: int) -> dict:
         """Storage key -> bytes of the storages alive just after event `index`."""
@@ -62,42 +65,52 @@ class StepTrace:
         return live
 
 
-class _Tracker(TorchDispatchMode):
-    """Sees every op: new output storages are allocations, a storage's garbage collection is its free."""
+_CONTEXT = object()  # an event's block: the one whose context is open (blocks.Owners.current)
 
-    def __init__(self, trace: StepTrace):
+
+class _Tracker(TorchDispatchMode):
+    """Sees every op: new output storages are allocations, a storage's garbage collection is its free; with
+    `owners` (blocks.Owners), each event, kernel and collective is tagged with its block."""
+
+    def __init__(self, trace: StepTrace, owners: blocks.Owners | None = None):
         super().__init__()
         self.trace = trace
+        self.owners = owners
         self.keys: dict[int, int] = {}  # id(storage) -> key, while the storage lives
         self.next_key = 0
         self.record_ops = False
+        self.stopped = False
         self.watched: set[int] = set()  # ids of storages with a finalizer
 
-    def _allocate(self, storage, nbytes: int) -> int:
+    def _allocate(self, storage, nbytes: int, owner=_CONTEXT) -> int:
         key = self.next_key
         self.next_key += 1
         self.keys[id(storage)] = key
         self.trace.sizes[key] = nbytes
         self.trace.events.append((1, key, nbytes))
+        if self.owners is not None:
+            self.owners.allocated(key, self.owners.current(self.key_of) if owner is _CONTEXT else owner)
         if id(storage) not in self.watched:
             self.watched.add(id(storage))
             weakref.finalize(storage, self._collected, id(storage))
         return key
 
-    def track(self, tensor: torch.Tensor) -> int:
+    def track(self, tensor: torch.Tensor, owner=_CONTEXT) -> int:
         storage = local_tensor(tensor).untyped_storage()
         key = self.keys.get(id(storage))
-        return self._allocate(storage, storage.nbytes()) if key is None else key
+        return self._allocate(storage, storage.nbytes(), owner) if key is None else key
 
     def _freed(self, storage_id: int) -> None:
         key = self.keys.pop(storage_id, None)
         if key is not None:
             self.trace.events.append((-1, key, self.trace.sizes[key]))
+            if self.owners is not None:
+                self.owners.freed(key, self.key_of)
 
     def resized(self, storage, old: int, new: int) -> None:
         """A storage resized in place (FSDP2 frees and re-allocates gathered parameters so): a free of the
         old bytes, then an allocation of the new ones under a new key."""
-        if old == new:
+        if old == new or self.stopped:
             return
         self._freed(id(storage))
         if new:
@@ -110,18 +123,59 @@ class _Tracker(TorchDispatchMode):
     def key_of(self, tensor: torch.Tensor) -> int | None:
         return self.keys.get(id(local_tensor(tensor).untyped_storage()))
 
+    def stop(self) -> None:
+        """Record nothing more: the trace ends with the steady-state step (later frees change no figure)."""
+        self.stopped = True
+        self.keys.clear()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        if self.stopped:
+            return out
+        owners = self.owners
+        shares = None
+        if owners is not None and owners.sweep:  # a tensor of the optimizer step belongs to its parameter's block
+            shares = self._sweep_outputs(func, args, kwargs, out)
+        else:
+            self._track_all(out)
+        if self.record_ops and func.namespace == "c10d" and owners is not None:
+            sent = fsdp_lib.sent_bytes(str(func), args)
+            if sent is not None:
+                owners.count_comm(owners.current(self.key_of), *sent)
         # communication (c10d) is timed on the links from what a CollectiveCounter saw, not as a kernel
         if self.record_ops and launches_kernel(func) and func.namespace != "c10d":
             # a rank computes on its shards: costs from the local tensors (DTensor sizes are global)
             local_args, local_kwargs, local_out = torch.utils._pytree.tree_map(local_tensor, (args, kwargs, out))
+            if shares is not None:
+                owners.op_shares[len(self.trace.ops)] = blocks.foreach_shares(
+                    shares, local_args, local_kwargs, local_out)
             self.trace.ops.append(op_cost(func, local_args, local_kwargs, local_out))
         return out
+
+    def _sweep_outputs(self, func, args, kwargs, out):
+        """Track an optimizer-step op's outputs, each with the block of its input; for a foreach op, returns
+        the block of each list position (its kernel's bytes are shared among them)."""
+        owners = self.owners
+        lists = [a for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) and a
+                 and all(isinstance(t, torch.Tensor) for t in a)]
+        if lists and func.__name__.startswith("_foreach_"):
+            per_index = [owners.key_owner.get(self.key_of(t)) for t in lists[0]]
+            owners.hint = None  # the kernel spans blocks: its bytes are split by `shares`
+            outs = out if isinstance(out, (list, tuple)) and len(out) == len(per_index) else ()
+            for t, owner in zip(outs, per_index):
+                if isinstance(t, torch.Tensor):
+                    self.track(t, owner)
+            return per_index
+        owners.sweep_input([self.key_of(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                            if isinstance(t, torch.Tensor)])
+        self._track_all(out)
+        return None
+
+    def _track_all(self, out) -> None:
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
 
 
 def _fake_parameters(model: torch.nn.Module) -> None:
@@ -139,31 +193,67 @@ def _fake_parameters(model: torch.nn.Module) -> None:
 
 
 class _SavedCounter(activations.SavedTensorCounter):
-    """The saved-activation counter of `run`, whose saved storages the tracker also sees when they are saved."""
+    """The saved-activation counter of `run`, whose saved storages the tracker also sees when they are saved
+    (with blocks: each storage's block at its first save)."""
 
     def __init__(self, tracker: _Tracker):
         super().__init__(keep=True)
         self.tracker = tracker
+        self.first_owner: dict[int, object] = {}  # id(storage) -> block (ids stay unique: `kept` holds them)
 
     def _pack(self, t):
         self.tracker.track(t)
+        if self.tracker.owners is not None:
+            self.first_owner.setdefault(id(local_tensor(t).untyped_storage()),
+                                        self.tracker.owners.current(self.tracker.key_of))
         return super()._pack(t)
 
+    def saved_by_block(self) -> dict:
+        """Block -> bytes of the counted storages (after the counter closed)."""
+        by_block: dict = {}
+        for storage in self.kept:
+            owner = self.first_owner.get(id(storage))
+            by_block[owner] = by_block.get(owner, 0) + storage.nbytes()
+        return by_block
 
-def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int = 1) -> StepTrace:
+
+def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int = 1,
+               exact: bool = False) -> StepTrace:
     """Run `steps` fake training steps of `case`; the last one is traced as the steady state.
 
     foreach: AdamW's implementation (must be explicit under fake tensors): True as on CUDA, False as on CPU.
     world: with `case.fsdp`, the ranks of the layout, of which rank 0 is traced (see `sharded`).
+    exact: trace every block; otherwise repeated blocks are traced once and spliced in (`blocks`), falling
+    back to the whole model where they do not repeat (`reuse` says which happened).
     """
+    if exact:
+        return _in_world(case, foreach, steps, world, reuse=False)
+    if ":" in case.arch:  # a user's model may treat its blocks by position, which no trace of five would show
+        trace = _in_world(case, foreach, steps, world, reuse=False)
+        trace.refused = "a user model is traced whole"
+        return trace
+    try:
+        return _in_world(case, foreach, steps, world, reuse=True)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - blocks that do not repeat, or a model that fails once cut
+        trace = _in_world(case, foreach, steps, world, reuse=False)
+        reason = str(e) if isinstance(e, blocks.Unrepeated) else f"the cut model failed ({type(e).__name__}: {e})"
+        trace.refused = reason.splitlines()[0][:300] if reason else type(e).__name__
+        return trace
+
+
+def _in_world(case: Case, foreach: bool, steps: int, world: int, reuse: bool) -> StepTrace:
     if case.fsdp is None:
-        return _trace(case, foreach, steps, StepTrace())
+        return _trace(case, foreach, steps, StepTrace(), reuse)
     with sharded.fake_world(world):
-        return _trace(case, foreach, steps, StepTrace(world=world))
+        return _trace(case, foreach, steps, StepTrace(world=world), reuse)
 
 
-def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace:
+def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace, reuse: bool) -> StepTrace:
     model = case.build_model("meta")
+    cut = blocks.cut(model) if reuse else None  # before anything attaches to the blocks
+    owners = blocks.Owners(cut) if cut is not None else None
     model.set_training_mode(case.mode)
     model.train()
     regimes.apply_regimes(model, case)  # LoRA, bf16 parameters, checkpointing on one process: as `run` does
@@ -173,11 +263,15 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             encoders = regimes.resident_encoders(model)
     if case.fsdp is not None:
         trace.layout = sharded.shard(model, case, trace.world)
-    autocast_dtype = None if case.dtype == "fp32" else TORCH_DTYPES[case.dtype]
-    autocast = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-    with FakeTensorMode(allow_non_fake_inputs=True), _Tracker(trace) as tracker, \
-            sparse.fake_friendly(model, trace) as adapters, sharded.storage_resizes(tracker.resized), \
-            contextlib.ExitStack() as counting:
+    tracker = _Tracker(trace, owners)
+    sweep = owners.sweeping if owners is not None else None
+    backward = owners.backward if owners is not None else contextlib.nullcontext
+    if owners is not None:
+        trace.ops = blocks.OwnedOps(owners, tracker.key_of)  # DSV's adapters append kernels too
+        owners.watch()  # after FSDP's and checkpointing's hooks, so that the block's context holds theirs
+    with FakeTensorMode(allow_non_fake_inputs=True), tracker, \
+            sparse.fake_friendly(model, trace, sweep) as adapters, \
+            sharded.storage_resizes(tracker.resized), contextlib.ExitStack() as counting:
         if trace.layout is None:
             _fake_parameters(model)
         else:  # FSDP's shards (DTensors) are made by FSDP's own init path; ties do not survive sharding anyway
@@ -189,6 +283,8 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             held += [*encoders.parameters(), *encoders.buffers()]
         for t in held:
             trace.categories[tracker.track(t)] = PARAMS
+        if owners is not None:
+            owners.claim_parameters(tracker.key_of)
         trainable = model.trainable_parameters()
         if not trainable:
             raise ValueError(f"{case.arch} has no trainable parameters in mode {case.mode!r}")
@@ -214,12 +310,18 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             if encoders is not None:  # as run's step: the batch encoded on the fly, without gradients
                 regimes.encode_on_the_fly(encoders, model, batch)
             # run's own count of saved activations (parameters, FSDP's gathered ones too, left out)
-            with _SavedCounter(tracker).exclude_parameters(model) as saved, autocast():
+            # (their exits free storages of every block: the counter's hold, autocast's cast weights)
+            with _exiting(_SavedCounter(tracker).exclude_parameters(model), sweep) as saved, \
+                    _exiting(_autocast_for(case), sweep):
                 loss = model.loss(batch)
             saved_keys = [tracker.keys[id(storage)] for storage in saved.kept]
-            saved.kept.clear()  # before backward: a held storage would outlive its graph and raise the peak
-            loss.backward()
-            del loss
+            if last and owners is not None:
+                owners.saved = saved.saved_by_block()
+            with _within(sweep):  # storages only the counter held (saved by ops off the loss's graph) die here
+                saved.kept.clear()  # before backward: a held storage would outlive its graph and raise the peak
+            with backward():
+                loss.backward()
+                del loss
             if last:
                 trace.saved_activations = saved.total_bytes
                 for key in saved_keys:
@@ -229,7 +331,8 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
             if stepped is not trainable:
                 for shard, p in zip(stepped, trainable):
                     shard.grad = local_tensor(p.grad) if p.grad is not None else None
-            optimizer.step()
+            with _within(sweep):
+                optimizer.step()
             if last:
                 counting.close()
                 trace.comm = counter.by_group
@@ -237,18 +340,58 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace) -> StepTrace
                 for t in state:
                     trace.categories[tracker.track(t)] = OPTIMIZER
                 trace.optimizer_bytes = memory.tensor_bytes(state)
-            optimizer.zero_grad(set_to_none=True)
-            for p in trainable:
-                p.grad = None
+            with _within(sweep):
+                optimizer.zero_grad(set_to_none=True)
+                for p in trainable:
+                    p.grad = None
         trace.step_end = len(trace.events)
         tracker.record_ops = False
+        totals = None
+        if owners is not None:
+            totals = owners.totals(trainable, optimizer.state, dict(zip(map(id, trainable), stepped)),
+                                   lambda ps: _grad_bytes(ps, trace.layout is not None))
+            owners.unwatch()
+        tracker.stop()
         trace.params_total = sum(p.numel() for p in model.parameters())
         trace.params_trainable = sum(p.numel() for p in trainable)
         trace.param_bytes = memory.tensor_bytes(model.parameters()) + (
             memory.tensor_bytes(encoders.parameters()) if encoders is not None else 0)
         # a gradient has its parameter's layout: FSDP's gradient shards are padded like the parameter shards
-        trace.grad_bytes = (sum(p.numel() * p.element_size() for p in trainable) if trace.layout is None
-                            else memory.tensor_bytes(trainable))
+        trace.grad_bytes = _grad_bytes(trainable, trace.layout is not None)
         trace.warnings.extend(adapters.warnings)
         del optimizer, batch, model, encoders
+    if owners is not None:
+        trace.reuse = blocks.splice(trace, owners, totals)
     return trace
+
+
+def _within(sweep):
+    """`sweep()` (blocks.Owners.sweeping) when repeated blocks are tagged, else nothing."""
+    return sweep() if sweep is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _exiting(manager, sweep):
+    """`manager`, whose exit runs inside `sweep()` (frees there belong to the freed storages' blocks)."""
+    value = manager.__enter__()
+    try:
+        yield value
+    except BaseException as e:
+        with _within(sweep):
+            if not manager.__exit__(type(e), e, e.__traceback__):
+                raise
+    else:
+        with _within(sweep):
+            manager.__exit__(None, None, None)
+
+
+def _autocast_for(case: Case):
+    """CPU autocast at the case's dtype (none for fp32)."""
+    if case.dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=TORCH_DTYPES[case.dtype])
+
+
+def _grad_bytes(trainable: list, sharded_layout: bool) -> int:
+    return (sum(p.numel() * p.element_size() for p in trainable) if not sharded_layout
+            else memory.tensor_bytes(trainable))

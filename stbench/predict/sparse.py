@@ -108,12 +108,27 @@ class Adapters:
 
 
 @contextlib.contextmanager
-def fake_friendly(model, trace):
+def fake_friendly(model, trace, sweep=None):
+    """DSV layers adapted to fake tensors while open; `sweep` (blocks.Owners.sweeping, when repeated blocks
+    are traced once): the context the estimators' own steps after the loss run in (each layer's tensors are
+    its block's, as in an optimizer step)."""
     adapters = Adapters(model, trace)
     for adapter in adapters.adapters:
         adapter.layer.core = adapter.core  # an instance attribute shadows the class's method
+    # DSV models step their estimators in `_after_loss`, a loop over the layers outside any block's forward;
+    # shadowed by an instance attribute (as `core` is), it runs in the sweep that gives each layer's tensors to
+    # its block
+    after = getattr(model, "_after_loss", None) if sweep is not None and adapters.layers else None
+    if after is not None:
+        def after_loss():
+            with sweep():
+                after()
+
+        model._after_loss = after_loss
     try:
         yield adapters
     finally:
         for adapter in adapters.adapters:
             del adapter.layer.core
+        if after is not None:
+            del model._after_loss
