@@ -2,17 +2,18 @@
 
 A video transformer runs one block 30-60 times at the same shapes, so its fake step repeats that block's
 allocations, frees, kernels and collectives. The model is built whole on the meta device; each ModuleList whose
-inner members are alike (same module classes, parameter and buffer shapes) keeps its first member, three inner
-ones and its last (`cut`). The trace of that model tags every event, kernel, collective and saved tensor with
-the block it belongs to (`Owners`): in forward, the block whose module hooks are open; in backward, the block
-whose forward made the autograd node running (by node sequence numbers); in the optimizer step and zero_grad,
-the block of the parameter a tensor belongs to. Where the three inner blocks are shown to repeat (`splice`
-checks that the middle one relates to its successor as its predecessor relates to it: the same runs of events,
-sizes, kernels, collectives and saved bytes), the middle block's events are copied in for the removed blocks
-with fresh storage keys, in the order the whole model runs them (forward and parameter order; backward and list
-frees in reverse), each copy freeing its own and its neighbours' storages as the middle block does. The first
-and last blocks, embeddings, heads and everything outside the lists are traced as they run. Where the blocks do
-not repeat, `Unrepeated` says why and the whole model is traced instead (as `predict --exact` always does).
+inner members are alike (same module classes, parameter and buffer shapes, plain attributes; no tied tensor) keeps
+its first member, three inner ones and its last (`cut`). The trace of that model tags every event, kernel,
+collective and saved tensor with the block it belongs to (`Owners`): in forward, the block whose module hooks are
+open; in backward, the block whose forward made the autograd node running (by node sequence numbers); in the
+optimizer step and zero_grad, the block of the parameter a tensor belongs to. Where the three inner blocks are
+shown to repeat (`splice` checks that the middle one relates to its successor as its predecessor relates to it, and
+to its predecessor as its successor does: the same runs of events, sizes, kernels, collectives and saved bytes),
+the middle block's events are copied in for the removed blocks with fresh storage keys, in the order the whole
+model runs them (forward and parameter order; backward and list frees in reverse), each copy freeing its own and
+its neighbours' storages as the middle block does. The first and last blocks, embeddings, heads and everything
+outside the lists are traced as they run. Where the blocks do not repeat, `Unrepeated` says why and the whole model
+is traced instead (as `predict --exact` always does).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+
+from ..measure.memory import storages, tensor_bytes
 
 HEAD, INNER, TAIL = 1, 3, 1
 KEPT = HEAD + INNER + TAIL
@@ -187,8 +190,6 @@ class Owners:
         """Owner -> Totals of its members: parameters, trainable ones, their bytes, gradient bytes, and the
         bytes of its parameters' optimizer state (`state`: the optimizer's, keyed by `stepped[id(p)]`; storages
         several parameters share, such as 8-bit AdamW's quantization maps, left to no block)."""
-        from ..measure.memory import storages, tensor_bytes
-
         def tensors(p) -> list:
             return [v for v in state.get(stepped[id(p)], {}).values() if isinstance(v, torch.Tensor)]
 
