@@ -116,7 +116,7 @@ class Owners:
     op_owner: list = field(default_factory=list)  # parallel to StepTrace.ops
     op_shares: dict = field(default_factory=dict)  # op index -> {owner: bytes} of a foreach op over many blocks
     key_owner: dict = field(default_factory=dict)  # storage key -> owner of the event that allocated it
-    comm: dict = field(default_factory=lambda: defaultdict(dict))  # owner -> {(kind, ranks): [bytes, calls]}
+    comm: dict = field(default_factory=dict)  # owner -> {(kind, ranks): [bytes, calls]} (the tracker's count)
     saved: dict = field(default_factory=lambda: defaultdict(int))  # owner -> saved activation bytes
     alloc_event: dict = field(default_factory=dict)  # storage key -> index of its allocation event
     swept: set = field(default_factory=set)  # frees in a sweep: batches whose order no figure depends on
@@ -263,11 +263,6 @@ class Owners:
             self.event_owner.append(self.key_owner.get(key))
         else:
             self.event_owner.append(self.current(key_of))
-
-    def count_comm(self, owner, kind: str, nbytes: int, ranks: int) -> None:
-        entry = self.comm[owner].setdefault((kind, ranks), [0, 0])
-        entry[0] += int(nbytes)
-        entry[1] += 1
 
 
 class OwnedOps(list):

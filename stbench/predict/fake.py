@@ -50,7 +50,7 @@ class StepTrace:
     world: int = 1
     layout: object = None  # the FSDPLayout traced (one of its ranks), None for one process
     comm: dict = field(default_factory=dict)  # (kind, group ranks) -> [bytes this rank sends, calls], last step
-    # (CollectiveCounter.by_group)
+    # (as CollectiveCounter.by_group counts them in `run`)
     reuse: dict = field(default_factory=dict)  # list name -> [blocks, blocks traced] (blocks.splice); {}: whole
     refused: str | None = None  # why repeated blocks were not traced once (the model was traced whole)
 
@@ -79,6 +79,7 @@ class _Tracker(TorchDispatchMode):
         self.keys: dict[int, int] = {}  # id(storage) -> key, while the storage lives
         self.next_key = 0
         self.record_ops = False
+        self.comm: dict = {}  # block (None outside blocks) -> {(kind, group ranks): [bytes sent, calls]}
         self.stopped = False
         self.watched: set[int] = set()  # ids of storages with a finalizer
 
@@ -139,11 +140,15 @@ class _Tracker(TorchDispatchMode):
             shares = self._sweep_outputs(func, args, kwargs, out)
         else:
             self._track_all(out)
-        if self.record_ops and func.namespace == "c10d" and owners is not None:
+        if self.record_ops and func.namespace == "c10d":  # what each collective sends, as `run` counts it
             sent = fsdp_lib.sent_bytes(str(func), args)
             if sent is not None:
-                owners.count_comm(owners.current(self.key_of), *sent)
-        # communication (c10d) is timed on the links from what a CollectiveCounter saw, not as a kernel
+                kind, nbytes, ranks = sent
+                block = owners.current(self.key_of) if owners is not None else None
+                entry = self.comm.setdefault(block, {}).setdefault((kind, ranks), [0, 0])
+                entry[0] += int(nbytes)
+                entry[1] += 1
+        # communication (c10d) is timed on the links from those bytes, not as a kernel
         if self.record_ops and launches_kernel(func) and func.namespace != "c10d":
             # a rank computes on its shards: costs from the local tensors (DTensor sizes are global)
             local_args, local_kwargs, local_out = torch.utils._pytree.tree_map(local_tensor, (args, kwargs, out))
@@ -264,6 +269,8 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace, reuse: bool)
     if case.fsdp is not None:
         trace.layout = sharded.shard(model, case, trace.world)
     tracker = _Tracker(trace, owners)
+    if owners is not None:
+        owners.comm = tracker.comm
     sweep = owners.sweeping if owners is not None else None
     backward = owners.backward if owners is not None else contextlib.nullcontext
     if owners is not None:
@@ -271,7 +278,7 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace, reuse: bool)
         owners.watch()  # after FSDP's and checkpointing's hooks, so that the block's context holds theirs
     with FakeTensorMode(allow_non_fake_inputs=True), tracker, \
             sparse.fake_friendly(model, trace, sweep) as adapters, \
-            sharded.storage_resizes(tracker.resized), contextlib.ExitStack() as counting:
+            sharded.storage_resizes(tracker.resized):
         if trace.layout is None:
             _fake_parameters(model)
         else:  # FSDP's shards (DTensors) are made by FSDP's own init path; ties do not survive sharding anyway
@@ -306,7 +313,6 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace, reuse: bool)
             if last:
                 trace.measure_from = len(trace.events)
                 tracker.record_ops = True
-                counter = counting.enter_context(fsdp_lib.CollectiveCounter())  # the bytes each collective sends
             if encoders is not None:  # as run's step: the batch encoded on the fly, without gradients
                 regimes.encode_on_the_fly(encoders, model, batch)
             # run's own count of saved activations (parameters, FSDP's gathered ones too, left out)
@@ -334,8 +340,7 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace, reuse: bool)
             with _within(sweep):
                 optimizer.step()
             if last:
-                counting.close()
-                trace.comm = counter.by_group
+                trace.comm = _summed(tracker.comm.values())
                 state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
                 for t in state:
                     trace.categories[tracker.track(t)] = OPTIMIZER
@@ -363,6 +368,17 @@ def _trace(case: Case, foreach: bool, steps: int, trace: StepTrace, reuse: bool)
     if owners is not None:
         trace.reuse = blocks.splice(trace, owners, totals)
     return trace
+
+
+def _summed(by_group: list) -> dict:
+    """{(kind, ranks): [bytes, calls]} dicts added up."""
+    total: dict = {}
+    for counts in by_group:
+        for group, (nbytes, calls) in counts.items():
+            entry = total.setdefault(group, [0, 0])
+            entry[0] += nbytes
+            entry[1] += calls
+    return total
 
 
 def _within(sweep):
