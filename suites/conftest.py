@@ -60,12 +60,10 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True, scope="module")
 def _freeze_what_earlier_modules_left():
-    """Each case's gc.collect() (stbench.measure.memory) scans only what this module made: what exists now (the
-    imports, what earlier modules left) moves to the permanent generation, garbage collected first."""
-    import gc
+    """Each case's gc.collect() (stbench.measure.memory) scans only what this module made."""
+    from stbench.measure.memory import collect_and_freeze
 
-    gc.collect()
-    gc.freeze()
+    collect_and_freeze()
 
 
 @pytest.fixture(autouse=True)

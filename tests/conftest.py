@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from torch import nn
 
 import architectures
 from architectures import Architecture, VideoModel
+from stbench.measure.memory import collect_and_freeze
 
 REPO = Path(__file__).resolve().parent.parent
 TOY_ARCH = "toy-mlp"
@@ -107,22 +107,16 @@ def toy_case():
     return make
 
 
-def freeze_garbage_collector() -> None:
-    """Move every object that exists now to the garbage collector's permanent generation, garbage collected first
-    (a frozen cycle is never collected). Each measured case calls gc.collect() (stbench.measure.memory), which
-    scans every tracked object: the imports' ~400k and what earlier test modules left (diffusers, matplotlib,
-    fixtures' models) made one collection cost 0.2-0.5 s late in the suite."""
-    gc.collect()
-    gc.freeze()
-
-
+# Each measured case calls gc.collect() (stbench.measure.memory), which scans every tracked object: the imports'
+# ~400k and what earlier test modules left (diffusers, matplotlib, fixtures' models) made one collection cost
+# 0.2-0.5 s late in the suite.
 def pytest_collection_finish(session):
-    freeze_garbage_collector()  # as the command line freezes its imports (stbench.measure.memory.freeze_imports)
+    collect_and_freeze()  # as the command line freezes its imports (stbench.measure.memory.freeze_imports)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _freeze_what_earlier_modules_left():
-    freeze_garbage_collector()  # a module's cases' collections scan only what the module made
+    collect_and_freeze()  # a module's cases' collections scan only what the module made
 
 
 @pytest.fixture(autouse=True)
