@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .diffusers_import import diffusers_class
 from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
                                  register_video_transformer, video_grid)
 
@@ -47,7 +48,7 @@ class CogVideoX(DiffusersVideoModel):
     sample_size = (60, 90)  # latent (h, w) of 480x720, the trained size; RoPE crops are relative to it
 
     def __init__(self, config: CogVideoXConfig):
-        from diffusers import CogVideoXDDIMScheduler
+        CogVideoXDDIMScheduler = diffusers_class("CogVideoXDDIMScheduler")
 
         super().__init__(config)
         # the published schedule: scaled-linear betas, zero terminal SNR, SNR shifted by snr_shift_scale
@@ -58,7 +59,7 @@ class CogVideoX(DiffusersVideoModel):
         self._rope_cache: dict = {}
 
     def build_transformer(self, config: CogVideoXConfig):
-        from diffusers import CogVideoXTransformer3DModel  # on use: it pulls in scipy and more
+        CogVideoXTransformer3DModel = diffusers_class("CogVideoXTransformer3DModel")
 
         return CogVideoXTransformer3DModel(
             num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,

@@ -129,10 +129,10 @@ def _clip(width: int | None) -> nn.Module:
 
 
 def _vae(family: str, tiny: bool) -> nn.Module:
-    import diffusers
+    from .diffusers_import import diffusers_class
 
     cls, config, small = VAES[family]
-    return getattr(diffusers, cls)(**(dict(config, **small) if tiny else config))
+    return diffusers_class(cls)(**(dict(config, **small) if tiny else config))
 
 
 class ResidentEncoders(nn.Module):

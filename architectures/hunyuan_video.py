@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .diffusers_import import diffusers_class
 from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
                                  register_video_transformer, video_grid)
 
@@ -49,7 +50,7 @@ class HunyuanVideo(DiffusersVideoModel):
     patch = (1, 2, 2)
 
     def build_transformer(self, config: HunyuanVideoConfig):
-        from diffusers import HunyuanVideoTransformer3DModel  # on use: it pulls in scipy and more
+        HunyuanVideoTransformer3DModel = diffusers_class("HunyuanVideoTransformer3DModel")
 
         return HunyuanVideoTransformer3DModel(
             in_channels=self.latent_channels, out_channels=self.latent_channels,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import TRAINING_MODES
+from .diffusers_import import diffusers_class
 from .video_transformers import DiffusersVideoModel, SwapSettings, check_latent_shape, register_video_transformer
 
 
@@ -38,7 +39,7 @@ class Latte(DiffusersVideoModel):
     temporal_prefixes = ("temporal_transformer_blocks.",)
 
     def __init__(self, config: LatteConfig):
-        from diffusers import DDPMScheduler
+        DDPMScheduler = diffusers_class("DDPMScheduler")
 
         super().__init__(config)
         # Latte trains on DiT's linear schedule (betas 1e-4..0.02), not SD's scaled-linear one
@@ -46,7 +47,7 @@ class Latte(DiffusersVideoModel):
         self.alphas_cumprod = schedule.float().to(self.alphas_cumprod.device)
 
     def build_transformer(self, config: LatteConfig):
-        from diffusers import LatteTransformer3DModel  # on use: it pulls in scipy and more
+        LatteTransformer3DModel = diffusers_class("LatteTransformer3DModel")
 
         inner = config.num_attention_heads * config.attention_head_dim
         return LatteTransformer3DModel(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .diffusers_import import diffusers_class
 from .video_transformers import (DiffusersVideoModel, SwapSettings, TokenPlan, check_latent_shape,
                                  register_video_transformer, video_grid)
 
@@ -42,7 +43,7 @@ class LTXVideo(DiffusersVideoModel):
                            gather="transformer.proj_out")
 
     def build_transformer(self, config: LTXVideoConfig):
-        from diffusers import LTXVideoTransformer3DModel  # on use: it pulls in scipy and more
+        LTXVideoTransformer3DModel = diffusers_class("LTXVideoTransformer3DModel")
 
         inner = config.num_attention_heads * config.attention_head_dim
         return LTXVideoTransformer3DModel(

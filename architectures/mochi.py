@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import NUM_TRAIN_TIMESTEPS, VideoBatch
+from .diffusers_import import diffusers_class
 from .video_transformers import (DiffusersVideoModel, SwapSettings, check_latent_shape,
                                  register_video_transformer, video_grid)
 
@@ -84,7 +85,7 @@ class Mochi(DiffusersVideoModel):
     patch = (1, 2, 2)
 
     def build_transformer(self, config: MochiConfig):
-        from diffusers import MochiTransformer3DModel  # on use: it pulls in scipy and more
+        MochiTransformer3DModel = diffusers_class("MochiTransformer3DModel")
 
         transformer = MochiTransformer3DModel(
             patch_size=self.patch[1], num_attention_heads=config.num_attention_heads,

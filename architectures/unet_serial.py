@@ -14,6 +14,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .base import LATENT_SCALE, VideoModel
+from .diffusers_import import diffusers_class
 from .registry import Architecture, register
 
 
@@ -52,7 +53,7 @@ UNET_PRESETS = {
 
 def build_motion_unet(config: UNetConfig):
     """diffusers' UNetMotionModel for `config`: cross-attention on every level but the deepest, as in SD1.5."""
-    from diffusers import UNetMotionModel
+    UNetMotionModel = diffusers_class("UNetMotionModel")
 
     levels = config.levels
     unet = UNetMotionModel(
@@ -192,7 +193,7 @@ class ModelScopeUNet(VideoModel):
 
     def __init__(self, config: ModelScopeConfig):
         super().__init__(config)
-        from diffusers import UNet3DConditionModel
+        UNet3DConditionModel = diffusers_class("UNet3DConditionModel")
 
         levels = len(config.block_out_channels)
         self.unet = UNet3DConditionModel(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from . import diffusers_import
 from .base import TRAINING_MODES, VideoModel
 from .spec import Architecture
 
@@ -39,6 +40,7 @@ def _load_factory(spec: str):
 def resolve(spec: str) -> Architecture:
     """The Architecture of a `package.module:factory` spec; KeyError (naming what is wrong) if it has none."""
     if spec not in _RESOLVED:
+        diffusers_import.whole()
         factory = _load_factory(spec)
 
         def build(config: UserConfig) -> VideoModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .diffusers_import import diffusers_class
 from .video_transformers import (DiffusersVideoModel, SwapSettings, TokenPlan, check_latent_shape,
                                  register_video_transformer, video_grid)
 
@@ -37,7 +38,7 @@ class Wan(DiffusersVideoModel):
     token_plan = TokenPlan(shard="transformer.blocks.0", rotary="transformer.rope", gather="transformer.proj_out")
 
     def build_transformer(self, config: WanConfig):
-        from diffusers import WanTransformer3DModel  # on use: it pulls in scipy and more
+        WanTransformer3DModel = diffusers_class("WanTransformer3DModel")
 
         return WanTransformer3DModel(
             patch_size=self.patch, num_attention_heads=config.num_attention_heads,

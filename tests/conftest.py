@@ -24,6 +24,14 @@ TOY_ARCH = "toy-mlp"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def child_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment for a child that may start a pytest session of its own: without a pytest-xdist worker's
+    variables (README's `-n 2`), which would make pytest-benchmark disable itself and refuse --benchmark-only;
+    without the variables whose names start with one of `drop`; with `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", *drop))}
+    return {**env, **extra}
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     """Per-pixel MLP sizes, plus a fault to inject for runner tests."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,14 +14,14 @@ import pytest
 from stbench import predicted_vs_measured as pvm
 from stbench import results
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
 
 def _check(*args, **env):
     return subprocess.run(["bash", str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHON": sys.executable, **env})
+                          timeout=600, env=child_env(PYTHON=sys.executable, **{k: str(v) for k, v in env.items()}))
 
 
 def _records(path):

@@ -14,6 +14,9 @@ if str(ROOT) not in sys.path:  # suites/ is a folder of the checkout, not an ins
 import architectures  # noqa: E402
 from stbench import gate, results  # noqa: E402
 from suites import grid  # noqa: E402
+
+from conftest import child_env  # noqa: E402
+
 # Smallest cases first; the end-to-end test runs the first one registered.
 PREFERRED = ("dit-full", "serial-unet", "mobius-unet", "mobius-ladder-unet", "modelscope-unet")
 
@@ -99,7 +102,7 @@ def suite_runs(tmp_path_factory):
 def _one_tiny_case_command(tmp_path):
     case_id = _one_tiny_case()
     out, bench_json = tmp_path / "suite" / "results.jsonl", tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STBENCH_")}
+    env = child_env(drop=("STBENCH_",))
     return [sys.executable, "-m", "pytest", "suites/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
             "-k", case_id, "--stbench-device", "cpu", "--stbench-grid", "tiny", "--stbench-rounds", "3",
             "--stbench-out", str(out), f"--benchmark-json={bench_json}"], env
@@ -182,7 +185,7 @@ architectures.register(Architecture("oom-toy", "unet", OomConfig, {"tiny": OomCo
 def _oom_command(tmp_path):
     (tmp_path / "oom_toy_arch.py").write_text(OOM_PLUGIN)
     out = tmp_path / "suite" / "results.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STBENCH_")}
+    env = child_env(drop=("STBENCH_",))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
     return [sys.executable, "-m", "pytest", "-p", "oom_toy_arch", "suites/", "--benchmark-disable", "-q", "-rs",
             "-p", "no:cacheprovider", "--stbench-device", "cpu", "--stbench-arch", "oom-toy", "--stbench-batch",
