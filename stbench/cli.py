@@ -44,11 +44,12 @@ def build_parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None, prog: str = "stbench") -> int:
     try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(argv)
-        from .measure.memory import freeze_imports
+        from .measure.memory import collector_paused, freeze_imports
 
-        freeze_imports()  # the parser imported every command's modules
+        argv = list(sys.argv[1:] if argv is None else argv)
+        with collector_paused():  # the parser imports every command's modules: nothing there for it to free
+            args = build_parser().parse_args(argv)
+        freeze_imports()  # and those modules' objects live as long as the process
         args.argv = argv  # the command line as typed: run.json records it for reproduction
         return int(importlib.import_module(COMMANDS[args.command][0]).execute(args) or 0)
     except UserError as e:

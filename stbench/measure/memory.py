@@ -1,6 +1,7 @@
 """Exact byte accounting: parameters, gradients, optimizer state; torch allocator peaks on CUDA."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Iterable
 
@@ -83,6 +84,22 @@ def freeze_imports() -> None:
     if not _frozen:
         _frozen = True
         gc.freeze()
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Within: no automatic garbage collection, for phases that make many objects and almost no cyclic garbage
+    (imports; a fake step, whose objects mostly live until it ends). In a wan 1.3b prediction the collector's full
+    passes (7, each over every object not frozen) took 0.46 s of a 5.5 s command and freed 673 objects."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def collect_and_freeze() -> None:

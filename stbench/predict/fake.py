@@ -231,6 +231,11 @@ def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int =
     exact: trace every block; otherwise repeated blocks are traced once and spliced in (`blocks`), falling
     back to the whole model where they do not repeat (`reuse` says which happened).
     """
+    with memory.collector_paused():  # frees are refcounts' (finalizers): a collection would only scan, not free
+        return _traced(case, foreach, steps, world, exact)
+
+
+def _traced(case: Case, foreach: bool, steps: int, world: int, exact: bool) -> StepTrace:
     if exact:
         return _in_world(case, foreach, steps, world, reuse=False)
     if ":" in case.arch:  # a user's model may treat its blocks by position, which no trace of five would show
