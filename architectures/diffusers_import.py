@@ -17,8 +17,8 @@ absent), so diffusers settles in the configuration it has without them, consiste
 They are unhidden at once: stbench's own LoRA, 8-bit AdamW, encoders and statistics import them on use.
 
 A user's model (`package.module:factory`) may need them through diffusers (from_pretrained, LoRA loading): once
-one is resolved (`whole()`), diffusers is imported whole. Models are resolved before any is built, so a process
-that builds a user's model never imports diffusers without them.
+one is resolved (`whole()`), diffusers is imported whole. A command resolves its models before it builds any, so
+a command that builds a user's model never imports diffusers without them.
 """
 from __future__ import annotations
 
@@ -44,19 +44,18 @@ def _hidden(packages: tuple[str, ...]):
 
 
 def _absent() -> tuple[str, ...]:
-    """What to hide: every UNUSED package before diffusers' first import (none once a user's model is resolved);
-    after it, those diffusers was imported without, so that its later modules see what it saw."""
-    if _whole and "diffusers" not in sys.modules:
+    """What to hide: every UNUSED package at diffusers' first import; none once diffusers is imported, a user's
+    model resolved, or any of them imported already (hiding some but not others breaks their own imports:
+    transformers' modeling_utils imports accelerate)."""
+    if _whole or "diffusers" in sys.modules or any(name in sys.modules for name in UNUSED):
         return ()
-    flags = sys.modules.get("diffusers.utils.import_utils")
-    if flags is None:
-        return UNUSED
-    return tuple(name for name in UNUSED if not getattr(flags, f"_{name}_available"))
+    return UNUSED
 
 
 def diffusers_class(name: str):
-    """`diffusers.<name>` (a model, scheduler or function), it and the modules it needs imported as diffusers was
-    first imported: without the UNUSED packages unless a user's model was resolved first."""
+    """`diffusers.<name>` (a model, scheduler or function). At diffusers' first import the UNUSED packages are
+    hidden (see _absent); modules imported later skip them too where diffusers guards their import, as it decided
+    they are absent."""
     with _hidden(_absent()):
         import diffusers
 
