@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 from typing import Iterable
 
@@ -78,8 +79,6 @@ def freeze_imports() -> None:
     """Once per process, after the imports: move the objects they made (torch and stbench alone: ~400k) to the
     garbage collector's permanent generation. They live as long as the process, and release_memory's
     gc.collect() after every case would otherwise rescan them each time (0.2 s a collection on 2 CPU cores)."""
-    import gc
-
     global _frozen
     if not _frozen:
         _frozen = True
@@ -91,8 +90,6 @@ def collector_paused():
     """Within: no automatic garbage collection, for phases that make many objects and almost no cyclic garbage
     (imports; a fake step, whose objects mostly live until it ends). In a wan 1.3b prediction the collector's full
     passes (7, each over every object not frozen) took 0.46 s of a 5.5 s command and freed 673 objects."""
-    import gc
-
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -105,16 +102,12 @@ def collector_paused():
 def collect_and_freeze() -> None:
     """Collect, then move every object that exists now to the garbage collector's permanent generation (a frozen
     cycle is never collected): later collections scan only what is made from now on."""
-    import gc
-
     gc.collect()
     gc.freeze()
 
 
 def release_memory() -> None:
     """Give cached blocks back after a case (and after an OOM) so the next case starts clean."""
-    import gc
-
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -213,6 +213,13 @@ def bytes_by_kind(by_group: dict) -> dict[str, int]:
     return total
 
 
+def add_sent(by_group: dict, group: tuple[str, int], nbytes: int, calls: int = 1) -> None:
+    """by_group[(kind, group ranks)] += [bytes sent, calls]: the count CollectiveCounter keeps (and predict's)."""
+    entry = by_group.setdefault(group, [0, 0])
+    entry[0] += nbytes
+    entry[1] += calls
+
+
 class CollectiveCounter(TorchDispatchMode):
     """Counts the bytes this rank sends through every c10d op dispatched while active, by kind and group size.
 
@@ -231,9 +238,7 @@ class CollectiveCounter(TorchDispatchMode):
             sent = sent_bytes(name, args)
             if sent is not None:
                 kind, nbytes, ranks = sent
-                entry = self.by_group.setdefault((kind, ranks), [0, 0])
-                entry[0] += int(nbytes)
-                entry[1] += 1
+                add_sent(self.by_group, (kind, ranks), int(nbytes))
         return func(*args, **(kwargs or {}))
 
     @property

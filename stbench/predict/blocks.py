@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..measure.memory import storages, tensor_bytes
+from ..parallel.fsdp import add_sent
 
 HEAD, INNER, TAIL = 1, 3, 1
 KEPT = HEAD + INNER + TAIL
@@ -342,10 +343,8 @@ def splice(trace, owners: Owners, totals: dict) -> dict:
     _splice_kernels(trace, tagged, owners)
     for group, m in owners.cut.copies.items():
         template = (group, TEMPLATE)
-        for (kind, ranks), (nbytes, calls) in owners.comm.get(template, {}).items():
-            entry = trace.comm.setdefault((kind, ranks), [0, 0])
-            entry[0] += m * nbytes
-            entry[1] += m * calls
+        for collective, (nbytes, calls) in owners.comm.get(template, {}).items():
+            add_sent(trace.comm, collective, m * nbytes, m * calls)
         trace.saved_activations += m * owners.saved.get(template, 0)
         t = totals[template]
         trace.params_total += m * t.params_total

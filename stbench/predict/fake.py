@@ -145,9 +145,7 @@ class _Tracker(TorchDispatchMode):
             if sent is not None:
                 kind, nbytes, ranks = sent
                 block = owners.current(self.key_of) if owners is not None else None
-                entry = self.comm.setdefault(block, {}).setdefault((kind, ranks), [0, 0])
-                entry[0] += int(nbytes)
-                entry[1] += 1
+                fsdp_lib.add_sent(self.comm.setdefault(block, {}), (kind, ranks), int(nbytes))
         # communication (c10d) is timed on the links from those bytes, not as a kernel
         if self.record_ops and launches_kernel(func) and func.namespace != "c10d":
             # a rank computes on its shards: costs from the local tensors (DTensor sizes are global)
@@ -380,9 +378,7 @@ def _summed(by_group: list) -> dict:
     total: dict = {}
     for counts in by_group:
         for group, (nbytes, calls) in counts.items():
-            entry = total.setdefault(group, [0, 0])
-            entry[0] += nbytes
-            entry[1] += calls
+            fsdp_lib.add_sent(total, group, nbytes, calls)
     return total
 
 
