@@ -113,6 +113,26 @@ def test_saved_activation_bytes_by_hand(toy_case, mode):
     assert saved == expected
 
 
+def test_counting_saved_activations_leaves_no_model_alive():
+    # A forward that saves its own output (exp) counted with the hooks: returning the tensor itself from the
+    # pack hook made output -> grad_fn -> saved output a cycle in autograd's C++ graph that no collector frees,
+    # holding every parameter (on a GPU, each measured case kept the previous models' weights and gradients).
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
+    def loss():
+        return model(torch.randn(4, 8)).exp().sum()
+
+    saved = activations.saved_activation_bytes(model, loss)
+    assert saved == 3 * 4 * 8 * 4  # each Linear's input (for its weight gradient) and exp's output
+    alive = weakref.ref(model[0].weight)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.parametrize("mode", ["temporal", "full"])
 def test_training_step_flops_by_hand(toy_case, mode):
     case = toy_case(mode=mode)

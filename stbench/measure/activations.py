@@ -57,7 +57,10 @@ class SavedTensorCounter(contextlib.AbstractContextManager):
         storage = local_tensor(t).untyped_storage()  # a DTensor (FSDP, context parallelism): its local part
         if id(storage) not in self._saved:
             self._saved[id(storage)] = (storage, storage.nbytes(), self._regions[-1] if self._regions else "other")
-        return t
+        # Not `t` itself: a saved output would then hold its own grad_fn, a cycle through autograd's C++ graph
+        # that no collector frees, and with it every parameter's AccumulateGrad (a model per counted forward;
+        # torch.autograd.graph.saved_tensors_hooks: "use lambda x: x.detach() instead of lambda x: x").
+        return t.detach()
 
     def __enter__(self):
         if self._watch:
