@@ -61,8 +61,12 @@ def test_attention_efficiency_by_backend_and_direction():
     h100 = hardware.get("h100-sxm")
     flash3 = efficiency.for_hardware(h100, "flash3")
     assert (flash3.attention_fraction(False), flash3.attention_fraction(True)) == (648 / 989.4, 561 / 989.4)
-    default = efficiency.for_hardware(h100)
-    assert default.backend == "flash2" and default.attention_fraction(True) == 322 / 989.4
+    default = efficiency.for_hardware(h100)  # torch >= 2.11 runs cuDNN's SDPA first on Hopper
+    assert default.backend == "cudnn" and default.attention_fraction(True) == 516 / 989.4
+    assert efficiency.for_hardware(hardware.get("h200")).backend == "cudnn"
+    assert efficiency.for_hardware(hardware.get("a100-80g")).backend == "flash2"  # FlashAttention-2 elsewhere
+    flash2 = efficiency.for_hardware(h100, "flash2")
+    assert (flash2.attention_fraction(False), flash2.attention_fraction(True)) == (370 / 989.4, 322 / 989.4)
     a100 = efficiency.for_hardware(hardware.get("a100-80g"), "efficient")  # no figure: FlashAttention-2's
     assert (a100.attention_fraction(False), a100.attention_fraction(True)) == (0.73, 0.63)
     assert efficiency.for_hardware(hardware.get("cpu")) is efficiency.IDEAL
@@ -112,3 +116,79 @@ def test_checkpointing_recomputation_is_in_the_traced_kernels():
     assert sum(op.flops for op in checkpointed.ops) > sum(op.flops for op in plain.ops)
     assert checkpointed.saved_activations < plain.saved_activations
     assert sum(op.flops for op in checkpointed.ops) <= sum(op.flops for op in plain.ops) + forward_flops * 1.01
+
+
+def test_widening_copies_and_foreach_kernels_take_their_measured_bandwidth_on_hopper():
+    import torch
+    aten = torch.ops.aten
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        bf16, fp32 = torch.empty(1 << 20, dtype=torch.bfloat16), torch.empty(1 << 20)
+        up = aten._to_copy.default(bf16, dtype=torch.float32)
+        down = aten._to_copy.default(fp32, dtype=torch.bfloat16)
+        ops = {"up": roofline.op_cost(aten._to_copy.default, (bf16,), {"dtype": torch.float32}, up),
+               "down": roofline.op_cost(aten._to_copy.default, (fp32,), {"dtype": torch.bfloat16}, down),
+               "copy_ up": roofline.op_cost(aten.copy_.default, (fp32, bf16), {}, fp32),
+               "copy_ down": roofline.op_cost(aten.copy_.default, (bf16, fp32), {}, bf16),
+               "foreach": roofline.op_cost(aten._foreach_add_.List, ([fp32], [fp32]), {}, None)}
+    assert {k: op.memory for k, op in ops.items()} == {"up": roofline.UPCAST, "down": "", "copy_ up": roofline.UPCAST,
+                                                       "copy_ down": "", "foreach": roofline.FOREACH}
+    assert ops["up"].bytes == ops["down"].bytes == (1 << 20) * 6  # read 2 B, write 4 B (or the reverse) each
+    h200, a100 = hardware.get("h200"), hardware.get("a100-80g")
+    hopper = efficiency.for_hardware(h200)
+    seconds = {k: roofline.op_seconds(op, h200, hopper)[1] for k, op in ops.items()}
+    assert seconds["up"] == pytest.approx(ops["up"].bytes / (h200.bandwidth_bytes_s * 0.434))
+    assert seconds["down"] == pytest.approx(ops["down"].bytes / (h200.bandwidth_bytes_s * 0.88))
+    assert seconds["foreach"] == pytest.approx(ops["foreach"].bytes / (h200.bandwidth_bytes_s * 0.716))
+    # no such measurement for the A100: every memory-bound kernel at the common 88%
+    ampere = efficiency.for_hardware(a100)
+    common = ops["up"].bytes / (a100.bandwidth_bytes_s * 0.88)
+    assert roofline.op_seconds(ops["up"], a100, ampere)[1] == pytest.approx(common)
+    assert roofline.op_seconds(ops["up"], h200)[1] == pytest.approx(ops["up"].bytes / h200.bandwidth_bytes_s)  # bound
+    with pytest.raises(ValueError, match="memory upcast"):
+        Efficiency(memory_by_class={"upcast": 0.0})
+
+
+def test_host_bound_warning_when_the_cpu_may_not_launch_kernels_as_fast_as_the_gpu_runs_them():
+    # 6,000 kernels: 30-150 ms of CPU launch work at 5-25 us each
+    assert estimate.host_bound({"step_ms": 400.0, "kernels": 6000}) is None  # 67 us of GPU time each
+    warning = estimate.host_bound({"step_ms": 56.0, "kernels": 6000})  # 9.3 us each
+    assert warning.startswith(estimate.HOST_BOUND) and "6000 kernels of 9.3 us" in warning
+    assert "30-150 ms a step beside 56 ms of kernels" in warning
+    # a sharded rank compares its kernels' time, not the step with communication
+    assert estimate.host_bound({"step_ms": 400.0, "kernels_ms": 100.0, "kernels": 6000}) is not None
+    assert estimate.host_bound({"step_ms": None, "kernels": 6000}) is None  # the CPU: no time model
+    assert estimate.host_bound({"hardware": "h200"}) is None  # an error record
+
+
+def test_a_predicted_record_carries_the_host_bound_warning_and_predict_prints_it(toy_case):
+    from stbench.predict import command
+    record = estimate.predict_case(toy_case(mode="full", dtype="bf16"), hardware.get("h100-sxm"))
+    p = record["predicted"]
+    flagged = [w for w in record["warnings"] if w.startswith(estimate.HOST_BOUND)]
+    # a tiny model's kernels are microseconds each: the CPU's launches dominate
+    assert p["kernels"] * 25e-3 >= p["step_ms"] and len(flagged) == 1
+    assert f"{estimate.HOST_BOUND}: {p['kernels']} kernels" in command.describe(record)
+
+
+def test_cudnn_attention_pays_for_the_idle_part_of_its_64_wide_head_dim_tiles():
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h200 = efficiency.for_hardware(hardware.get("h200"))
+    full = (595 / 989.4, 516 / 989.4)  # cuDNN's figures, at head dim 128
+    assert h200.attention_fraction(False, 128) == pytest.approx(full[0])
+    assert h200.attention_fraction(True, 96) == pytest.approx(full[1] * 96 / 128)  # 128 columns computed
+    assert h200.attention_fraction(False, 40) == pytest.approx(full[0] * 40 / 64)
+    assert h200.attention_fraction(False, 160) == pytest.approx(full[0] * 160 / 192)
+    assert h200.attention_fraction(False) == pytest.approx(full[0])  # unknown head dim (DSV's tile stand-in)
+    flash2 = efficiency.for_hardware(hardware.get("a100-80g"))
+    assert flash2.attention_fraction(False, 96) == 0.73  # no tile figure for FlashAttention-2
+    assert efficiency.IDEAL.attention_fraction(True, 96) == 1.0  # the bound
+    aten = torch.ops.aten
+    with FakeTensorMode():
+        q = torch.empty(1, 12, 256, 96, dtype=torch.bfloat16)
+        out = aten._scaled_dot_product_flash_attention_for_cpu.default(q, q, q)
+        cost = roofline.op_cost(aten._scaled_dot_product_flash_attention_for_cpu.default, (q, q, q), {}, out)
+    assert (cost.kind, cost.head_dim) == (roofline.ATTENTION, 96)

@@ -28,6 +28,27 @@ Sources (every figure below cites one of them):
 * HBM: NVIDIA developer forum, "Trouble to reach peak bandwidth of A100" (2025): a streaming read kernel reaches
   1.80 of the A100 80GB SXM's 2.04 TB/s, 88% by Nsight Compute, and the best kernel in the GTC talk it cites about
   90%; 88% is used for every GPU's HBM (no equally direct published figure for the others).
+* CUDNN_SDPA: PyTorch pull request #162073 ("[cuDNN][SDPA] Enable cuDNN SDPA by default for SM 9.0, SM 10.0",
+  for 2.9); `check_prefer_cudnn_attention()` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp puts cuDNN
+  first on sm90/sm100 when the bundled cuDNN is newer than 9.15.0, which the wheels' cuDNN is from torch 2.11
+  (huggingface/transformers pull request #48163, closing comment). Seen on the lent H200 with torch
+  2.11.0+cu130: every SDPA kernel of wan, the UNets and the DiTs was `cudnn_generated_fort_native_sdpa_sm90_*`
+  (reports/baselines/nvidia-h200/raw/traces/).
+* EAGER_HOST: J. Lin, "From PyTorch op to kernel launch" (GPU kernel serving course, lesson 18): an eager op
+  costs the CPU about 5-25 us before its kernel runs (Python, pybind11, autograd, the ATen dispatcher, the
+  backend's set-up, cudaLaunchKernel). On the lent H200, eager serial-unet at 256 px x 16 frames took 235 ms a
+  step for 83 ms of kernels (6,811 kernels: 34 us of wall time each; reports/baselines/nvidia-h200/).
+* HBM_KERNELS: measured on the lent H200 (torch 2.11.0+cu130) by `python scripts/hbm_bandwidth.py`, a kernel
+  microbenchmark apart from any training step (reports/baselines/nvidia-h200/raw/hbm_bandwidth.txt), at 256M
+  elements (1-3 GB a kernel): a bf16 copy, an fp32->bf16 cast, a bf16 add and an fp32 mul_ reached 0.85-0.89 of
+  the datasheet's 4.8 TB/s (HBM's 88% holds), but a bf16->fp32 cast only 0.434 and an fp32 `_foreach_add_` over a
+  DiT-like parameter list 0.716. Each kernel was timed between its own CUDA events, so a launch latency (at most
+  the 36 us of the 1M-element rows) is inside each figure: the two are low by at most 5% (0.456, 0.746). Applied
+  to H100 as the same GH100 die; no such figure for the other GPUs.
+* HEAD_DIM_TILE: cuDNN's SDPA kernel names in the lent H200's traces (reports/baselines/nvidia-h200/raw/traces/):
+  `..._knob_7_64x128xD_...` with D = 64, 128 and 192 for head dims 40, 80/96/128 and 160: the head dimension is
+  computed in 64-wide steps, so a head dim that is not a multiple of 64 leaves part of each tile idle (the
+  FlashAttention-3 paper's cuDNN figures are at head dim 128, a whole tile).
 * LAUNCH: NVIDIA technical blog, "Getting Started with CUDA Graphs" (A. Gray, 2019): back-to-back launches of a
   short kernel take about 3.8 us each without graphs; the hardware table's 4 us floor.
 """
@@ -36,6 +57,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+EAGER_HOST_US = (5.0, 25.0)  # CPU time an eager op costs before its kernel runs, low and high (EAGER_HOST)
+EAGER_HOST = ("J. Lin, 'From PyTorch op to kernel launch' (lesson 18): about 5-25 us of CPU work per eager op; "
+              "34 us per kernel measured on the lent H200 for serial-unet (reports/baselines/nvidia-h200/)")
+HBM_KERNELS = ("measured on the lent H200 by scripts/hbm_bandwidth.py at 256M elements "
+               "(reports/baselines/nvidia-h200/raw/hbm_bandwidth.txt): bf16->fp32 cast 0.434, fp32 _foreach_add_ "
+               "0.716 of 4.8 TB/s (each low by at most 5%: one launch latency inside each timing)")
+# The head dimension cuDNN's SDPA kernels compute in: 64-wide steps, as their names on the lent H200 say
+# (`..._sm90_flash_{fprop,bprop}_wgmma_f16_knob_*_64x128xD_...` with D = 64 for head dim 40, 128 for 80, 96 and
+# 128, 192 for 160; reports/baselines/nvidia-h200/raw/traces/): a head dim of 96 computes 128 columns, 75% useful.
+HEAD_DIM_TILE = {"cudnn": 64}
+HOPPER_MEMORY = {"upcast": 0.434, "foreach": 0.716}  # roofline.UPCAST, roofline.FOREACH (HBM_KERNELS)
 MAMF = "ml-engineering compute/accelerator/README.md, Maximum Achievable Matmul FLOPS table (BF16, mamf-finder.py)"
 TILES = "NVIDIA Matrix Multiplication Background User's Guide: tile and wave quantization (cuBLAS thread-block tiles)"
 FA2 = "FlashAttention-2 (arXiv 2307.08691) Sec. 4.1: A100 forward up to 73%, backward up to 63% of peak"
@@ -52,10 +84,14 @@ BACKENDS = ("flash2", "flash3", "cudnn", "efficient")
 HOPPER_ATTENTION = {"flash2": (370 / 989.4, 322 / 989.4), "flash3": (648 / 989.4, 561 / 989.4),
                     "cudnn": (595 / 989.4, 516 / 989.4)}
 AMPERE_ATTENTION = {"flash2": (0.73, 0.63)}
-# PyTorch's SDPA runs FlashAttention-2 for bf16/fp16 on sm80+ (torch.nn.attention.SDPBackend.FLASH_ATTENTION
-# first in its priority order); the memory-efficient (xformers/cutlass) kernel has no figure on these GPUs in
-# the sources above, so it takes FlashAttention-2's (said so in the sources of each table).
+# PyTorch's SDPA runs FlashAttention-2 for bf16/fp16 on sm80+ (SDPBackend.FLASH_ATTENTION first in its priority
+# order), except on Hopper, where torch >= 2.11 puts cuDNN first (CUDNN_SDPA; `Efficiency.backend` of the Hopper
+# entries). The memory-efficient (xformers/cutlass) kernel has no figure on these GPUs in the sources above, so
+# it takes FlashAttention-2's (said so in the sources of each table).
 DEFAULT_BACKEND = "flash2"
+CUDNN_SDPA = ("PyTorch #162073 / sdp_utils.cpp check_prefer_cudnn_attention(): cuDNN first on sm90 with the "
+              "bundled cuDNN > 9.15.0 (torch >= 2.11); seen on the lent H200, torch 2.11.0+cu130 "
+              "(reports/baselines/nvidia-h200/raw/traces/)")
 
 
 @dataclass(frozen=True)
@@ -66,18 +102,28 @@ class Efficiency:
     attention: dict = field(default_factory=dict)  # backend -> (forward, backward) fraction of the dense peak
     backend: str = DEFAULT_BACKEND
     memory: float = 1.0  # fraction of HBM bandwidth a memory-bound kernel reaches
+    memory_by_class: dict = field(default_factory=dict)  # roofline.UPCAST / FOREACH -> their own fraction
     sms: int | None = None  # None: no tile or wave quantization (the bound)
     sources: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name, value in (("gemm", self.gemm), ("memory", self.memory),
+                            *((f"memory {k}", v) for k, v in self.memory_by_class.items()),
                             *((f"attention {k}", v) for k, pair in self.attention.items() for v in pair)):
             if not 0 < value <= 1:
                 raise ValueError(f"efficiency {name} must be in (0, 1], got {value}")
 
-    def attention_fraction(self, backward: bool) -> float:
+    def attention_fraction(self, backward: bool, head_dim: int = 0) -> float:
+        """The backend's fraction of the peak (its figure is at head dim 128), less the part of a head-dim tile
+        a smaller or unaligned head dimension leaves idle (HEAD_DIM_TILE)."""
         pair = self.attention.get(self.backend) or self.attention.get(DEFAULT_BACKEND) or (1.0, 1.0)
-        return pair[1] if backward else pair[0]
+        tile = HEAD_DIM_TILE.get(self.backend) if self.attention else None
+        fill = head_dim / (tile * math.ceil(head_dim / tile)) if tile and head_dim > 0 else 1.0
+        return (pair[1] if backward else pair[0]) * fill
+
+    def memory_fraction(self, memory_class: str = "") -> float:
+        """The fraction of HBM bandwidth a memory-bound kernel of this class reaches ("": the common one)."""
+        return self.memory_by_class.get(memory_class, self.memory)
 
     def gemm_fraction(self, batch: int, m: int, n: int) -> float:
         """Achievable fraction of the peak for a GEMM with a (batch x) m x n output: MAMF times the share of
@@ -107,10 +153,13 @@ def for_hardware(hardware, backend: str | None = None) -> Efficiency:
     return known if backend is None else replace(known, backend=backend)
 
 
-def _gpu(gemm, gemm_source, attention, attention_source, sms):
-    return Efficiency(gemm=gemm, attention=attention, memory=0.88, sms=sms,
+def _gpu(gemm, gemm_source, attention, attention_source, sms, backend=DEFAULT_BACKEND, backend_source=None,
+         memory_by_class=None):
+    return Efficiency(gemm=gemm, attention=attention, backend=backend, memory=0.88, sms=sms,
+                      memory_by_class=memory_by_class or {},
                       sources={"gemm": gemm_source, "tiles": TILES, "attention": attention_source, "memory": HBM,
-                               "sms": SM_SOURCE,
+                               **({"memory_by_class": HBM_KERNELS} if memory_by_class else {}),
+                               "sms": SM_SOURCE, "backend": backend_source or "SDPBackend priority: flash2 first",
                                "efficient": "no published figure: the memory-efficient backend takes flash2's"})
 
 
@@ -118,10 +167,12 @@ def _gpu(gemm, gemm_source, attention, attention_source, sms):
 # FlashAttention-2 kernels, sm80-class tensor-core instructions) and say so in their sources.
 _ADA = "no published MAMF figure for Ada: A100 SXM's 271.2/312 (86.9%, " + MAMF + ")"
 EFFICIENCIES: dict[str, Efficiency] = {
-    "h100-sxm": _gpu(794.5 / 989, MAMF + ": H100 SXM 794.5/989", HOPPER_ATTENTION, FA3, 132),
+    "h100-sxm": _gpu(794.5 / 989, MAMF + ": H100 SXM 794.5/989", HOPPER_ATTENTION, FA3, 132, "cudnn", CUDNN_SDPA,
+                     HOPPER_MEMORY),
     "h100-pcie": _gpu(794.5 / 989, MAMF + ": H100 SXM's 80.3% (no PCIe figure)", HOPPER_ATTENTION,
-                      FA3 + " (SXM5 figures)", 114),
-    "h200": _gpu(828.6 / 989, MAMF + ": GH200 828.6/989 (same GH100 die, HBM3e)", HOPPER_ATTENTION, FA3, 132),
+                      FA3 + " (SXM5 figures)", 114, "cudnn", CUDNN_SDPA, HOPPER_MEMORY),
+    "h200": _gpu(828.6 / 989, MAMF + ": GH200 828.6/989 (same GH100 die, HBM3e)", HOPPER_ATTENTION, FA3, 132,
+                 "cudnn", CUDNN_SDPA, HOPPER_MEMORY),
     "a100-80g": _gpu(271.2 / 312, MAMF + ": A100 SXM 271.2/312", AMPERE_ATTENTION, FA2, 108),
     "a100-40g": _gpu(271.2 / 312, MAMF + ": A100 SXM 271.2/312", AMPERE_ATTENTION, FA2, 108),
     "l40s": _gpu(271.2 / 312, _ADA, AMPERE_ATTENTION, FA2 + " (A100 figures)", 142),

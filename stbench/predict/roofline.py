@@ -26,6 +26,8 @@ HALF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 GEMMS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: (0, 1),
          aten.baddbmm.default: (1, 2)}
 GEMM, ATTENTION, ATTENTION_BACKWARD, OTHER = "gemm", "attention", "attention_backward", "other"
+COPIES = {aten._to_copy.default, aten.copy_.default, aten.copy.default}
+UPCAST, FOREACH = "upcast", "foreach"  # memory-bound kernels with a bandwidth of their own (efficiency.HBM_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class OpCost:
     math: str  # bf16 | fp16 | tf32 | fp32
     kind: str = OTHER  # gemm | attention | attention_backward | other (memory-bound unless it has FLOPs)
     gemm: tuple = ()  # (batch, rows, columns) of a GEMM's output (convolutions: implicit GEMM)
+    memory: str = ""  # upcast | foreach: a memory-bound kernel with its own bandwidth; "": the common one
+    head_dim: int = 0  # fused attention: the head dimension (its kernel may pad it to a tile); else 0
 
 
 def _tensors(tree):
@@ -57,7 +61,21 @@ def op_cost(func, args, kwargs, out) -> OpCost:
     dtype = inputs[0].dtype if inputs else torch.float32
     math = HALF.get(dtype) or ("tf32" if func in CONVOLUTIONS else "fp32")
     name = str(func)
-    return OpCost(name, count, moved, math, kind_of(name), _gemm_shape(func, args, out))
+    kind = kind_of(name)
+    head_dim = inputs[0].shape[-1] if kind in (ATTENTION, ATTENTION_BACKWARD) and inputs[0].dim() == 4 else 0
+    return OpCost(name, count, moved, math, kind, _gemm_shape(func, args, out),
+                  _memory_class(func, name, inputs, outputs), head_dim)
+
+
+def _memory_class(func, name: str, inputs: list, outputs: list) -> str:
+    """A widening copy (bf16 -> fp32: gradients into fp32 weights, autocast) or a foreach kernel; else ""."""
+    if name.startswith("aten._foreach_"):
+        return FOREACH
+    if func in COPIES and inputs and outputs:
+        source = inputs[-1] if func is not aten._to_copy.default else inputs[0]  # copy_(self, src)
+        if outputs[0].element_size() > source.element_size() and outputs[0].is_floating_point():
+            return UPCAST
+    return ""
 
 
 def kind_of(name: str) -> str:
@@ -102,7 +120,7 @@ def compute_fraction(op: OpCost, efficiency: Efficiency) -> float:
     if op.kind == GEMM:
         return efficiency.gemm_fraction(*op.gemm) if op.gemm else efficiency.gemm
     if op.kind in (ATTENTION, ATTENTION_BACKWARD):
-        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD)
+        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD, op.head_dim)
     return efficiency.gemm if op.flops else 1.0  # other FLOP-counted ops are matmul-like (tensor cores)
 
 
@@ -113,15 +131,19 @@ def step_time(ops: list[OpCost], hardware: Hardware, efficiency: Efficiency = ID
     compute_ms and memory_ms are the pure-compute and pure-memory sums under the same efficiencies."""
     if hardware.bandwidth_bytes_s is None or not hardware.peak_tflops:
         return None
-    floor = hardware.launch_floor_us * 1e-6
-    bandwidth = hardware.bandwidth_bytes_s * efficiency.memory
     total = compute = memory = 0.0
     by_kind: dict[str, float] = {}
     for op in ops:
-        c = op.flops / (hardware.peak(op.math) * compute_fraction(op, efficiency)) if op.flops else 0.0
-        m = op.bytes / bandwidth
+        c, m, t = op_seconds(op, hardware, efficiency)
         compute += c
         memory += m
-        total += max(c, m, floor)
-        by_kind[op.kind] = by_kind.get(op.kind, 0.0) + max(c, m, floor) * 1e3
+        total += t
+        by_kind[op.kind] = by_kind.get(op.kind, 0.0) + t * 1e3
     return StepTime(total * 1e3, compute * 1e3, memory * 1e3, len(ops), by_kind)
+
+
+def op_seconds(op: OpCost, hardware: Hardware, efficiency: Efficiency = IDEAL) -> tuple[float, float, float]:
+    """One kernel's (compute, memory, time) in seconds: time = max(compute, memory, launch floor)."""
+    c = op.flops / (hardware.peak(op.math) * compute_fraction(op, efficiency)) if op.flops else 0.0
+    m = op.bytes / (hardware.bandwidth_bytes_s * efficiency.memory_fraction(op.memory))
+    return c, m, max(c, m, hardware.launch_floor_us * 1e-6)
