@@ -7,6 +7,7 @@ Steps (each logged to OUT/logs/, timed, limited; the summary says ok, FAILED or 
   sweep      `stbench run` of the fixed cases (GROUPS), bf16, NVML and allocator peaks, one case traced
   predict    waits for the predictions, then the predicted-vs-measured table
   attention  `stbench attention`: FlexAttention against SDPA at 16K tokens, s = 0.5, 0.75, 0.9
+  bandwidth  scripts/hbm_bandwidth.py: the bandwidth eager memory-bound kernels reach (predict's memory classes)
   suites     the pytest-benchmark suites at a reduced size
   gate       `stbench gate` A/A (the suites and the sweep each against themselves; against this GPU's committed
              baseline too where one exists), the sweep's report, and the baseline folder OUT/reports/baselines/<slug>/
@@ -36,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = ("torch", "diffusers", "peft", "transformers", "bitsandbytes")  # imported by the env step
 WHEEL_DISTS = ("diffusers", "peft", "transformers", "bitsandbytes", "regex")  # scripts/gpu_wheels.sh downloads
-DEADLINE_S = 540  # the whole check, so that it ends inside a 10-minute device call with time to pack OUT
+DEADLINE_S = 570  # the whole check, so that it ends inside a 10-minute device call with time to pack OUT
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,16 @@ DRY_EARLY = ("attention", "suites")  # ... started before env, whose single proc
 # Time limits per step (seconds), and what each is expected to take on one H100 (estimated from the case sizes:
 # see the README's GPU section). A step past its limit is stopped and marked FAILED; later steps still run
 # within the overall deadline.
-STEPS = ("setup", "env", "pytest", "sweep", "predict", "attention", "suites", "gate")
-LIMITS = {"setup": 90, "env": 60, "pytest": 180, "sweep": 300, "predict": 120, "attention": 120, "suites": 150,
-          "gate": 90}
-ESTIMATES = {"setup": 20, "env": 5, "pytest": 90, "sweep": 190, "predict": 5, "attention": 45, "suites": 45,
-             "gate": 15}
+# Measured on the lent H200 (reports/baselines/nvidia-h200/raw/summary.txt): pytest 178 s of its then 180 s limit
+# (FlexAttention's compilation at head dim 96: 114 s), the whole check 505 s.
+STEPS = ("setup", "env", "pytest", "sweep", "predict", "attention", "bandwidth", "suites", "gate")
+LIMITS = {"setup": 90, "env": 60, "pytest": 240, "sweep": 300, "predict": 120, "attention": 120, "bandwidth": 60,
+          "suites": 150, "gate": 90}
+ESTIMATES = {"setup": 20, "env": 5, "pytest": 90, "sweep": 190, "predict": 5, "attention": 45, "bandwidth": 20,
+             "suites": 45, "gate": 15}
+# hbm_bandwidth.py's sizes: 32 MB to 1 GB tensors (the 1M-element size only measures a launch's latency)
+BANDWIDTH_GPU = ["--sizes", "1.6e7,6.4e7,2.56e8"]
+BANDWIDTH_DRY = ["--device", "cpu", "--sizes", "4096", "--repeats", "2"]
 
 # Several stbench commands in one interpreter: argv lists in sys.argv[1] (JSON), each echoed, worst exit code.
 _BATCH = """
@@ -244,6 +250,10 @@ class Check:
         if name == "attention":
             flags = ATTENTION_DRY if self.dry else ATTENTION_GPU
             return self.stbench([["attention", *flags, *SPARSITIES, "--out", str(self.out / "attention")]])
+        if name == "bandwidth":
+            return [self.python, str(REPO / "scripts" / "hbm_bandwidth.py"), *(BANDWIDTH_DRY if self.dry else
+                                                                               BANDWIDTH_GPU),
+                    "--out", str(self.out / "hbm-bandwidth.jsonl")]
         if name == "suites":
             return [self.python, "-m", "pytest", "suites", "--benchmark-only", "-q", "-rs", "-p", "no:cacheprovider",
                     *(SUITES_DRY if self.dry else SUITES_GPU), "--stbench-out",
@@ -406,6 +416,16 @@ class Check:
             return f"gather vs SDPA (CPU, one sample each: wiring only): speed-up {', '.join(speedups)}"
         return f"FlexAttention vs SDPA: speed-up {', '.join(speedups)}"
 
+    def bandwidth(self, outcome, log, timeout):
+        self.check_rc(self.run_main("bandwidth", outcome, log, timeout), "scripts/hbm_bandwidth.py")
+        rows = [json.loads(line) for line in (self.out / "hbm-bandwidth.jsonl").read_text().splitlines()]
+        largest = max(r["elements"] for r in rows)
+        if self.dry:
+            return f"{len(rows)} kernel timings (CPU: wiring only)"
+        return "of the datasheet at the largest size: " + ", ".join(
+            f"{r['kind']} {r['fraction_of_datasheet']:.2f}" for r in rows
+            if r["elements"] == largest and r["fraction_of_datasheet"] is not None)
+
     def suites(self, outcome, log, timeout):
         self.check_rc(self.run_main("suites", outcome, log, timeout), "pytest suites")
         return f"{len(_records(self.out / 'suites'))} suite cases"
@@ -430,7 +450,8 @@ class Check:
         for src, name in ((out / "sweep" / "results.jsonl", "results.jsonl"), (out / "sweep" / "run.json", "run.json"),
                           (out / "sweep" / "report.html", "report.html"),
                           (out / "suites-benchmark.json", "suites-benchmark.json"),
-                          (out / "predict-vs-measured.txt", "predict-vs-measured.txt")):
+                          (out / "predict-vs-measured.txt", "predict-vs-measured.txt"),
+                          (out / "hbm-bandwidth.jsonl", "hbm-bandwidth.jsonl")):
             if src.exists():
                 shutil.copyfile(src, baseline / name)
         self.check_rc(rc, "stbench gate / report")
@@ -506,6 +527,7 @@ def main(argv: list[str]) -> int:
     check.step("sweep", check.sweep)
     check.step("predict", check.predict)
     check.step("attention", check.attention)
+    check.step("bandwidth", check.bandwidth)
     check.step("suites", check.suites)
     check.step("gate", check.gate)
     for proc, _, _ in check.background.values():  # a background step whose wait was never reached

@@ -10,7 +10,7 @@
 # table; OUT/reports/baselines/<gpu-slug>/: the files to commit as this GPU's baseline.
 # Interpreter: $PYTHON, else .venv/bin/python where it exists, else python3 (the GPU machine's, which has torch).
 # Settings: GPU_CHECK_WHEELS (default .whl), GPU_CHECK_SITE (install target, default $TMPDIR/stbench-gpu-site),
-# GPU_CHECK_HARDWARE (hardware table name when the GPU's name matches none), GPU_CHECK_DEADLINE_S (default 540).
+# GPU_CHECK_HARDWARE (hardware table name when the GPU's name matches none), GPU_CHECK_DEADLINE_S (default 570).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then

@@ -52,7 +52,13 @@ def comparison_lines(records: list[dict]) -> list[str]:
                  + (f", p={j.p_value:.2g}" if j.p_value is not None else "") + ")" for r, j in judged]
         lines.append(f"stbench: step time at {config_label(fastest, short=True)}: fastest {_label(fastest)} "
                      f"{fastest['step_ms_median']:.1f} ms; " + "; ".join(parts))
-        tied = [_label(r) for r, j in judged if j.verdict not in (stats.SLOWER, stats.FASTER)]
+        # within the tolerance the verdict holds however small p is; beyond it, no verdict means too few samples
+        close = [_label(r) for r, j in judged if j.verdict == stats.SAME and abs(j.ratio - 1) <= stats.TOLERANCE]
+        tied = [_label(r) for r, j in judged
+                if j.verdict not in (stats.SLOWER, stats.FASTER) and _label(r) not in close]
+        if close:
+            lines.append(f"stbench: {', '.join(close)} within {stats.TOLERANCE:.0%} of {_label(fastest)}'s step time "
+                         f"(the gate's tolerance): treat them as equally fast")
         if tied:
             rounds = max(r.get("rounds") or 1 for r in group)
             lines.append(f"stbench: the samples cannot tell {', '.join(tied)} apart from {_label(fastest)} "

@@ -34,7 +34,7 @@ def test_dry_run_runs_every_step_that_needs_no_cuda(tmp_path):
     done = _check("--dry-run", out, GPU_CHECK_WHEELS=tmp_path / "no-wheels")
     assert done.returncode == 0, done.stdout + done.stderr
     steps = {s["name"]: s for s in json.loads((out / "steps.json").read_text())["steps"]}
-    assert list(steps) == ["setup", "env", "pytest", "sweep", "predict", "attention", "suites", "gate"]
+    assert list(steps) == ["setup", "env", "pytest", "sweep", "predict", "attention", "bandwidth", "suites", "gate"]
     assert steps["pytest"]["status"] == "skipped" and steps["pytest"]["note"] == "needs CUDA (dry run)"
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "pytest"), steps
     assert "every step ran" in (out / "summary.txt").read_text()
@@ -66,8 +66,11 @@ def test_dry_run_runs_every_step_that_needs_no_cuda(tmp_path):
     gate = (out / "gate.md").read_text()
     assert gate.count("### stbench gate: PASS") == 2 and "FAIL" not in gate
     baseline = out / "reports" / "baselines" / "dry-run"
-    assert sorted(p.name for p in baseline.iterdir()) == ["predict-vs-measured.txt", "report.html", "results.jsonl",
-                                                          "run.json", "suites-benchmark.json"]
+    assert sorted(p.name for p in baseline.iterdir()) == ["hbm-bandwidth.jsonl", "predict-vs-measured.txt",
+                                                          "report.html", "results.jsonl", "run.json",
+                                                          "suites-benchmark.json"]
+    bandwidth = _records(out / "hbm-bandwidth.jsonl")  # the memory-bound kernels' microbenchmark, 8 kinds
+    assert len(bandwidth) == 8 and {r["elements"] for r in bandwidth} == {4096}
     assert _records(baseline / "results.jsonl") == sweep
 
 
