@@ -73,7 +73,8 @@ def _memory_class(func, name: str, inputs: list, outputs: list) -> str:
         return FOREACH
     if func in COPIES and inputs and outputs:
         source = inputs[-1] if func is not aten._to_copy.default else inputs[0]  # copy_(self, src)
-        if outputs[0].element_size() > source.element_size() and outputs[0].is_floating_point():
+        if (outputs[0].element_size() > source.element_size() and outputs[0].is_floating_point()
+                and source.is_floating_point()):  # the measured kernel: bf16 -> fp32 (HBM_KERNELS)
             return UPCAST
     return ""
 
