@@ -13,7 +13,7 @@ from conftest import REPO, TOY_ARCH
 from stbench import results, runfolder, runner
 from stbench.cli import main
 from stbench.config import Case
-from stbench.predict import command, estimate, fake, hardware, memory
+from stbench.predict import command, efficiency, estimate, fake, hardware, memory, roofline
 from stbench.predict.hardware import Hardware
 
 MiB = 1 << 20
@@ -175,6 +175,14 @@ def test_dsv_predicted_from_computed_tiles():
     assert any("unknown before training" in w for w in dense["warnings"])
     assert any("forced sparsity 0.75" in w for w in sparse["warnings"])
     assert sparse["predicted"]["flops"] < dense["predicted"]["flops"]
+    # the computed tiles are fused attention, timed at the attention kernel's rate (they were once a GEMM's)
+    case = Case(arch="dit-dsv", preset="tiny", frames=8, resolution=64, device="cpu", dtype="bf16",
+                overrides=(("sparsity", "0.75"),))
+    tiles = [op for op in estimate.cached_trace(case, True).ops if op.name.startswith("dsv.block_sparse")]
+    assert tiles and {op.kind for op in tiles} == {roofline.ATTENTION, roofline.ATTENTION_BACKWARD}
+    h100 = efficiency.for_hardware(hardware.get("h100-sxm"))
+    assert roofline.compute_fraction(tiles[0], h100) == h100.attention_fraction(False) == 595 / 989.4
+    assert sparse["predicted"]["step_ms_by_kind"]["attention_backward"] > 0
 
 
 def test_predict_command_writes_resumes_and_rejects_bad_input(tmp_path, capsys):

@@ -132,8 +132,11 @@ def test_widening_copies_and_foreach_kernels_take_their_measured_bandwidth_on_ho
                "copy_ up": roofline.op_cost(aten.copy_.default, (fp32, bf16), {}, fp32),
                "copy_ down": roofline.op_cost(aten.copy_.default, (bf16, fp32), {}, bf16),
                "foreach": roofline.op_cost(aten._foreach_add_.List, ([fp32], [fp32]), {}, None)}
+        mask = torch.empty(1 << 20, dtype=torch.bool)  # a mask or an index made float: not the measured cast
+        ops["bool"] = roofline.op_cost(aten._to_copy.default, (mask,), {"dtype": torch.float32},
+                                       aten._to_copy.default(mask, dtype=torch.float32))
     assert {k: op.memory for k, op in ops.items()} == {"up": roofline.UPCAST, "down": "", "copy_ up": roofline.UPCAST,
-                                                       "copy_ down": "", "foreach": roofline.FOREACH}
+                                                       "copy_ down": "", "foreach": roofline.FOREACH, "bool": ""}
     assert ops["up"].bytes == ops["down"].bytes == (1 << 20) * 6  # read 2 B, write 4 B (or the reverse) each
     h200, a100 = hardware.get("h200"), hardware.get("a100-80g")
     hopper = efficiency.for_hardware(h200)
@@ -148,6 +151,8 @@ def test_widening_copies_and_foreach_kernels_take_their_measured_bandwidth_on_ho
     assert roofline.op_seconds(ops["up"], h200)[1] == pytest.approx(ops["up"].bytes / h200.bandwidth_bytes_s)  # bound
     with pytest.raises(ValueError, match="memory upcast"):
         Efficiency(memory_by_class={"upcast": 0.0})
+    with pytest.raises(ValueError, match="memory class"):  # a misspelt class would silently take 88%
+        Efficiency(memory_by_class={"upcasts": 0.5})
 
 
 def test_host_bound_warning_when_the_cpu_may_not_launch_kernels_as_fast_as_the_gpu_runs_them():
@@ -170,25 +175,3 @@ def test_a_predicted_record_carries_the_host_bound_warning_and_predict_prints_it
     # a tiny model's kernels are microseconds each: the CPU's launches dominate
     assert p["kernels"] * 25e-3 >= p["step_ms"] and len(flagged) == 1
     assert f"{estimate.HOST_BOUND}: {p['kernels']} kernels" in command.describe(record)
-
-
-def test_cudnn_attention_pays_for_the_idle_part_of_its_64_wide_head_dim_tiles():
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    h200 = efficiency.for_hardware(hardware.get("h200"))
-    full = (595 / 989.4, 516 / 989.4)  # cuDNN's figures, at head dim 128
-    assert h200.attention_fraction(False, 128) == pytest.approx(full[0])
-    assert h200.attention_fraction(True, 96) == pytest.approx(full[1] * 96 / 128)  # 128 columns computed
-    assert h200.attention_fraction(False, 40) == pytest.approx(full[0] * 40 / 64)
-    assert h200.attention_fraction(False, 160) == pytest.approx(full[0] * 160 / 192)
-    assert h200.attention_fraction(False) == pytest.approx(full[0])  # unknown head dim (DSV's tile stand-in)
-    flash2 = efficiency.for_hardware(hardware.get("a100-80g"))
-    assert flash2.attention_fraction(False, 96) == 0.73  # no tile figure for FlashAttention-2
-    assert efficiency.IDEAL.attention_fraction(True, 96) == 1.0  # the bound
-    aten = torch.ops.aten
-    with FakeTensorMode():
-        q = torch.empty(1, 12, 256, 96, dtype=torch.bfloat16)
-        out = aten._scaled_dot_product_flash_attention_for_cpu.default(q, q, q)
-        cost = roofline.op_cost(aten._scaled_dot_product_flash_attention_for_cpu.default, (q, q, q), {}, out)
-    assert (cost.kind, cost.head_dim) == (roofline.ATTENTION, 96)

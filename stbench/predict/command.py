@@ -195,7 +195,7 @@ def describe(record: dict) -> str:
                  f"memory {p['memory_ms']:.1f}")
         text += f", communication {p['comm_ms']:.1f})" if p.get("comm_ms") is not None else ")"
     if any(w.startswith(HOST_BOUND) for w in record.get("warnings") or ()):
-        text += f"; {HOST_BOUND}: {p['kernels']} kernels, the CPU may not launch them as fast (record warnings)"
+        text += f"; {HOST_BOUND}: {p.get('kernels')} kernels, the CPU may not launch them as fast (record warnings)"
     return text
 
 

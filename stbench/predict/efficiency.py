@@ -45,10 +45,6 @@ Sources (every figure below cites one of them):
   DiT-like parameter list 0.716. Each kernel was timed between its own CUDA events, so a launch latency (at most
   the 36 us of the 1M-element rows) is inside each figure: the two are low by at most 5% (0.456, 0.746). Applied
   to H100 as the same GH100 die; no such figure for the other GPUs.
-* HEAD_DIM_TILE: cuDNN's SDPA kernel names in the lent H200's traces (reports/baselines/nvidia-h200/raw/traces/):
-  `..._knob_7_64x128xD_...` with D = 64, 128 and 192 for head dims 40, 80/96/128 and 160: the head dimension is
-  computed in 64-wide steps, so a head dim that is not a multiple of 64 leaves part of each tile idle (the
-  FlashAttention-3 paper's cuDNN figures are at head dim 128, a whole tile).
 * LAUNCH: NVIDIA technical blog, "Getting Started with CUDA Graphs" (A. Gray, 2019): back-to-back launches of a
   short kernel take about 3.8 us each without graphs; the hardware table's 4 us floor.
 """
@@ -63,11 +59,8 @@ EAGER_HOST = ("J. Lin, 'From PyTorch op to kernel launch' (lesson 18): about 5-2
 HBM_KERNELS = ("measured on the lent H200 by scripts/hbm_bandwidth.py at 256M elements "
                "(reports/baselines/nvidia-h200/raw/hbm_bandwidth.txt): bf16->fp32 cast 0.434, fp32 _foreach_add_ "
                "0.716 of 4.8 TB/s (each low by at most 5%: one launch latency inside each timing)")
-# The head dimension cuDNN's SDPA kernels compute in: 64-wide steps, as their names on the lent H200 say
-# (`..._sm90_flash_{fprop,bprop}_wgmma_f16_knob_*_64x128xD_...` with D = 64 for head dim 40, 128 for 80, 96 and
-# 128, 192 for 160; reports/baselines/nvidia-h200/raw/traces/): a head dim of 96 computes 128 columns, 75% useful.
-HEAD_DIM_TILE = {"cudnn": 64}
-HOPPER_MEMORY = {"upcast": 0.434, "foreach": 0.716}  # roofline.UPCAST, roofline.FOREACH (HBM_KERNELS)
+UPCAST, FOREACH = "upcast", "foreach"  # memory-bound kernels with a bandwidth of their own (roofline._memory_class)
+HOPPER_MEMORY = {UPCAST: 0.434, FOREACH: 0.716}  # HBM_KERNELS
 MAMF = "ml-engineering compute/accelerator/README.md, Maximum Achievable Matmul FLOPS table (BF16, mamf-finder.py)"
 TILES = "NVIDIA Matrix Multiplication Background User's Guide: tile and wave quantization (cuBLAS thread-block tiles)"
 FA2 = "FlashAttention-2 (arXiv 2307.08691) Sec. 4.1: A100 forward up to 73%, backward up to 63% of peak"
@@ -107,19 +100,18 @@ class Efficiency:
     sources: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        unknown = set(self.memory_by_class) - {UPCAST, FOREACH}
+        if unknown:
+            raise ValueError(f"memory class {sorted(unknown)}: legal {UPCAST}, {FOREACH}")
         for name, value in (("gemm", self.gemm), ("memory", self.memory),
                             *((f"memory {k}", v) for k, v in self.memory_by_class.items()),
                             *((f"attention {k}", v) for k, pair in self.attention.items() for v in pair)):
             if not 0 < value <= 1:
                 raise ValueError(f"efficiency {name} must be in (0, 1], got {value}")
 
-    def attention_fraction(self, backward: bool, head_dim: int = 0) -> float:
-        """The backend's fraction of the peak (its figure is at head dim 128), less the part of a head-dim tile
-        a smaller or unaligned head dimension leaves idle (HEAD_DIM_TILE)."""
+    def attention_fraction(self, backward: bool) -> float:
         pair = self.attention.get(self.backend) or self.attention.get(DEFAULT_BACKEND) or (1.0, 1.0)
-        tile = HEAD_DIM_TILE.get(self.backend) if self.attention else None
-        fill = head_dim / (tile * math.ceil(head_dim / tile)) if tile and head_dim > 0 else 1.0
-        return (pair[1] if backward else pair[0]) * fill
+        return pair[1] if backward else pair[0]
 
     def memory_fraction(self, memory_class: str = "") -> float:
         """The fraction of HBM bandwidth a memory-bound kernel of this class reaches ("": the common one)."""

@@ -13,7 +13,7 @@ import torch
 from torch.utils import flop_counter
 
 from ..measure import flops as _flops  # noqa: F401 - registers the CPU flash-attention FLOP formulas
-from .efficiency import IDEAL, Efficiency
+from .efficiency import FOREACH, IDEAL, UPCAST, Efficiency
 from .hardware import Hardware
 
 aten = torch.ops.aten
@@ -27,7 +27,6 @@ GEMMS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: 
          aten.baddbmm.default: (1, 2)}
 GEMM, ATTENTION, ATTENTION_BACKWARD, OTHER = "gemm", "attention", "attention_backward", "other"
 COPIES = {aten._to_copy.default, aten.copy_.default, aten.copy.default}
-UPCAST, FOREACH = "upcast", "foreach"  # memory-bound kernels with a bandwidth of their own (efficiency.HBM_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,6 @@ class OpCost:
     kind: str = OTHER  # gemm | attention | attention_backward | other (memory-bound unless it has FLOPs)
     gemm: tuple = ()  # (batch, rows, columns) of a GEMM's output (convolutions: implicit GEMM)
     memory: str = ""  # upcast | foreach: a memory-bound kernel with its own bandwidth; "": the common one
-    head_dim: int = 0  # fused attention: the head dimension (its kernel may pad it to a tile); else 0
 
 
 def _tensors(tree):
@@ -61,10 +59,8 @@ def op_cost(func, args, kwargs, out) -> OpCost:
     dtype = inputs[0].dtype if inputs else torch.float32
     math = HALF.get(dtype) or ("tf32" if func in CONVOLUTIONS else "fp32")
     name = str(func)
-    kind = kind_of(name)
-    head_dim = inputs[0].shape[-1] if kind in (ATTENTION, ATTENTION_BACKWARD) and inputs[0].dim() == 4 else 0
-    return OpCost(name, count, moved, math, kind, _gemm_shape(func, args, out),
-                  _memory_class(func, name, inputs, outputs), head_dim)
+    return OpCost(name, count, moved, math, kind_of(name), _gemm_shape(func, args, out),
+                  _memory_class(func, name, inputs, outputs))
 
 
 def _memory_class(func, name: str, inputs: list, outputs: list) -> str:
@@ -121,7 +117,7 @@ def compute_fraction(op: OpCost, efficiency: Efficiency) -> float:
     if op.kind == GEMM:
         return efficiency.gemm_fraction(*op.gemm) if op.gemm else efficiency.gemm
     if op.kind in (ATTENTION, ATTENTION_BACKWARD):
-        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD, op.head_dim)
+        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD)
     return efficiency.gemm if op.flops else 1.0  # other FLOP-counted ops are matmul-like (tensor cores)
 
 

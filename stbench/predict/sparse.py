@@ -16,7 +16,7 @@ from torch.utils import flop_counter
 
 from architectures.attention.dsv import kept_blocks
 
-from .roofline import HALF, OpCost
+from .roofline import ATTENTION, ATTENTION_BACKWARD, HALF, OpCost
 
 LEARNED = ("dsv: head sparsity is learned from data and unknown before training, so attention is predicted "
            "dense (stage 1); pass --set sparsity=S to predict block-sparse attention at a forced sparsity S")
@@ -88,9 +88,10 @@ class DSVAdapter:
         math_mode = HALF.get(q.dtype, "fp32")
         forward = flop_counter.sdpa_flop_count(*shapes)
         backward = flop_counter.sdpa_backward_flop_count(shapes[0], *shapes)
-        self.ops.append(OpCost("dsv.block_sparse_attention", int(forward * fraction), moved, math_mode))
+        # fused attention's classes, so that the tiles run at the dense attention kernel's rate (not a GEMM's)
+        self.ops.append(OpCost("dsv.block_sparse_attention", int(forward * fraction), moved, math_mode, ATTENTION))
         self.ops.append(OpCost("dsv.block_sparse_attention_backward", int(backward * fraction), 2 * moved,
-                               math_mode))
+                               math_mode, ATTENTION_BACKWARD))
 
 
 class Adapters:
