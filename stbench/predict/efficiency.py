@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+HOST_BOUND = "host-bound risk (predicted)"  # the start of estimate.host_bound's warning (the report finds it)
 EAGER_HOST_US = (5.0, 25.0)  # CPU time an eager op costs before its kernel runs, low and high (EAGER_HOST)
 EAGER_HOST = ("J. Lin, 'From PyTorch op to kernel launch' (lesson 18): about 5-25 us of CPU work per eager op; "
               "34 us per kernel measured on the lent H200 for serial-unet (reports/baselines/nvidia-h200/)")

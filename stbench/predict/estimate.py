@@ -10,10 +10,9 @@ from ..errors import UserError
 from ..measure import env
 from ..parallel.fsdp import bytes_by_kind
 from . import efficiency, fake, memory, roofline, sharded
-from .efficiency import Efficiency
+from .efficiency import HOST_BOUND, Efficiency
 from .hardware import Hardware
 
-HOST_BOUND = "host-bound risk (predicted)"  # the start of host_bound's warning
 CATEGORIES = (fake.PARAMS, fake.GRADS, fake.OPTIMIZER, fake.ACTIVATIONS)
 
 

@@ -17,6 +17,7 @@ import architectures
 
 from .. import planner, results
 from ..predict import hardware as hw
+from ..predict.efficiency import HOST_BOUND
 from ..units import format_bytes
 from . import validation
 
@@ -144,6 +145,11 @@ class Option:
     def bound_only(self) -> bool:
         """Predicted before expected times existed: its `step_ms` is the roofline lower bound."""
         return self.step_ms is not None and "step_ms_bound" not in self.p
+
+    @property
+    def host_bound(self) -> bool:
+        """predict warned that the CPU may not launch this step's kernels as fast as the GPU runs them."""
+        return any(w.startswith(HOST_BOUND) for w in self.record.get("warnings") or ())
 
     @property
     def gpu_hours(self) -> float | None:
@@ -288,6 +294,10 @@ def _headline(model: str, shape: str, label: str, best: Option | None, fewest: O
             f"{format_bytes(best.p['peak_bytes'])} per rank of {format_bytes(best.p['memory_bytes'])}, "
             f"{fmt_duration(best.step_ms)} per step{' (a roofline lower bound: predicted before expected times)' if best.bound_only else ''}, "
             f"{fmt_sig(best.gpu_hours)} GPU-hours per 1,000 steps.")
+    if best.host_bound:
+        text += (f" {HOST_BOUND[0].upper()}{HOST_BOUND[1:]}: its kernels are too small and many for an eager CPU "
+                 f"to launch as fast as the GPU runs them, so a step may take longer than this (the record's "
+                 f"warnings give the figures).")
     if fewest is not None and fewest is not best:
         text += (f" Fewest GPUs that fit: {fewest.gpus} ({fewest.name}, {fmt_sig(fewest.samples_per_s)} samples/s, "
                  f"{fmt_sig(fewest.gpu_hours)} GPU-hours per 1,000 steps).")
