@@ -109,6 +109,7 @@ def test_headline_names_the_same_best_layout_as_plan(rendered):
     assert f"best {best} on 2 GPUs" in headline
     # a tiny DiT's kernels are microseconds each: predict warned, and the answer says so beside the step time
     assert "Host-bound risk (predicted): its kernels are too small and many" in headline
+    assert "host-bound risk: the CPU may not launch its kernels as fast" in section  # and in the layouts' table
     [group] = answer.groups(results.read_records(rendered["runs"]["plan"]))
     assert group.ranked[0].name == best
     assert [o.samples_per_s for o in group.ranked] == sorted((o.samples_per_s for o in group.ranked), reverse=True)
