@@ -2,6 +2,7 @@
 not fit, figures whose labels never overlap, no empty section, every invocation with its settings, MFU in %."""
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import re
@@ -193,12 +194,18 @@ def test_every_invocation_is_listed_with_its_own_settings(rendered):
     assert sum(int(n) for n in re.findall(r'<td class="num">(\d+)</td></tr>', "".join(rows))) == 20
 
 
+def pvm_fields():
+    from stbench.predicted_vs_measured import CSV_FIELDS
+    return CSV_FIELDS
+
+
 def test_published_errors_beside_predictions(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     for name in ("results.jsonl", "run.json"):
         shutil.copy(WAN / name, run / name)
     monkeypatch.setattr(validation, "SUMMARY", tmp_path / "absent.json")
+    monkeypatch.setattr(validation, "GPU_TABLES", tmp_path / "no-baselines")
     assert main([str(run), "-o", str(tmp_path / "a.html")]) == 0
     assert "checked against" not in (tmp_path / "a.html").read_text()
     summary = {"rows": 9, "memory_rows": 9, "time_rows": 2, "median_abs_memory_error": 0.07,
@@ -215,6 +222,24 @@ def test_published_errors_beside_predictions(tmp_path, monkeypatch):
                                                                    "(table: reports/predict/published/table.md)")
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "runs": 5}))
     assert validation.sentence(tmp_path / "summary.json").startswith("checked against 9 measurements of 5 published")
+    # a GPU baseline's table of the current model against its sweep: memory and step errors, and their sign
+    table = tmp_path / "reports" / "baselines" / "nvidia-h200" / validation.GPU_TABLE
+    table.parent.mkdir(parents=True)
+    measured = [dict(case=f"c{i}", hardware="h200", fits=True, measured_on="NVIDIA H200", allocated_predicted=a,
+                     allocated_measured=100, step_ms_predicted=s, step_ms_measured=200)
+                for i, (a, s) in enumerate([(96, 100), (101, 180), (90, 210)])]
+    unmeasured = dict(case="c3", hardware="h200", fits=True, measured_on="", allocated_predicted=1,
+                      step_ms_predicted=1)  # predicted, never measured: left out
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=pvm_fields())
+        writer.writeheader()
+        writer.writerows([*measured, unmeasured])
+    gpu = validation.gpu_sentence(tmp_path / "reports" / "baselines")
+    assert gpu == ("against 3 cases measured on an NVIDIA H200: median allocated-memory error 4%, step-time error "
+                   "10% (2 of 3 step times predicted short; table: "
+                   "reports/baselines/nvidia-h200/predict-vs-measured-after.csv)")
+    assert validation.sentence(tmp_path / "summary.json", tmp_path / "reports" / "baselines").endswith(f"; and {gpu}")
+    assert validation.sentence(tmp_path / "absent.json", tmp_path / "reports" / "baselines") == f"checked {gpu}"
 
 
 def test_what_to_train_shows_predictions_of_another_preset(tmp_path):
