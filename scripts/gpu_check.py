@@ -4,7 +4,7 @@ Steps (each logged to OUT/logs/, timed, limited; the summary says ok, FAILED or 
   setup      install the carried wheels (--target, no package index)
   env        import every package; the GPU, its slug (reports/baselines/<slug>/) and its hardware table entry
   pytest     pytest -m cuda (every CUDA-only test); `stbench predict` of the sweep's cases runs beside it
-  sweep      `stbench run` of the fixed cases (GROUPS), bf16, NVML and allocator peaks, one case traced
+  sweep      `stbench run` of the fixed cases (GROUPS), bf16, NVML and allocator peaks, the DiT cases traced
   predict    waits for the predictions, then the predicted-vs-measured table
   attention  `stbench attention`: FlexAttention against SDPA at 16K tokens, s = 0.5, 0.75, 0.9
   bandwidth  scripts/hbm_bandwidth.py: the bandwidth eager memory-bound kernels reach (predict's memory classes)
@@ -74,7 +74,8 @@ GROUPS = (
     # the dry run measures one UNet (a tiny UNet costs more CPU than every other dry case together): Mobius
     Group("unets", "serial-unet,mobius-unet", ("sd15", 256, 16), ("tiny", 32, 2), "temporal",
           dry_archs="mobius-unet"),
-    Group("dits", "dit-full,dit-dsv", ("0.8b", 512, 16), ("tiny", 32, 2), "full"),
+    # traced: the H200 run could not split the DiTs' step-time error by kernel class without (scripts/kernel_classes.py)
+    Group("dits", "dit-full,dit-dsv", ("0.8b", 512, 16), ("tiny", 32, 2), "full", trace=True),
     Group("dsv-forced", "dit-dsv", ("0.8b", 512, 16), ("tiny", 32, 2), "full", ("--set", "sparsity=0.9"),
           trace=True),
     Group("wan", "wan", ("1.3b", 480, 33), ("tiny", 32, 5), "full"),
