@@ -74,7 +74,8 @@ GROUPS = (
     # the dry run measures one UNet (a tiny UNet costs more CPU than every other dry case together): Mobius
     Group("unets", "serial-unet,mobius-unet", ("sd15", 256, 16), ("tiny", 32, 2), "temporal",
           dry_archs="mobius-unet"),
-    # traced: the H200 run could not split the DiTs' step-time error by kernel class without (scripts/kernel_classes.py)
+    # traced, so that scripts/kernel_classes.py can split the DiTs' step-time error by kernel class (the H200 run
+    # traced only the forced-sparsity case)
     Group("dits", "dit-full,dit-dsv", ("0.8b", 512, 16), ("tiny", 32, 2), "full", trace=True),
     Group("dsv-forced", "dit-dsv", ("0.8b", 512, 16), ("tiny", 32, 2), "full", ("--set", "sparsity=0.9"),
           trace=True),

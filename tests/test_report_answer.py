@@ -215,10 +215,11 @@ def test_published_errors_beside_predictions(tmp_path, monkeypatch):
     monkeypatch.setattr(validation, "SUMMARY", tmp_path / "summary.json")
     assert main([str(run), "-o", str(tmp_path / "b.html")]) == 0
     html = (tmp_path / "b.html").read_text()
-    sentence = "checked against 9 published GPU training runs: median memory error 7% (9 runs), time error 31% (2 runs)"
+    sentence = ("checked against 9 published GPU training runs: median memory error 7% (9 figures), time error 31% "
+                "(2 figures)")
     assert sentence in _section(html, "answer") and sentence in _section(html, "predicted")
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "time_rows": 0, "median_abs_time_error": None}))
-    assert validation.sentence(tmp_path / "summary.json").endswith("median memory error 7% (9 runs) "
+    assert validation.sentence(tmp_path / "summary.json").endswith("median memory error 7% (9 figures) "
                                                                    "(table: reports/predict/published/table.md)")
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "runs": 5}))
     assert validation.sentence(tmp_path / "summary.json").startswith("checked against 9 measurements of 5 published")
@@ -235,11 +236,18 @@ def test_published_errors_beside_predictions(tmp_path, monkeypatch):
         writer.writeheader()
         writer.writerows([*measured, unmeasured])
     gpu = validation.gpu_sentence(tmp_path / "reports" / "baselines")
-    assert gpu == ("against 3 cases measured on an NVIDIA H200: median allocated-memory error 4%, step-time error "
-                   "10% (2 of 3 step times predicted short; table: "
-                   "reports/baselines/nvidia-h200/predict-vs-measured-after.csv)")
+    assert gpu == ("against 3 cases measured on NVIDIA H200: median allocated-memory error 4%, median step-time "
+                   f"error 10% (2 of 3 predicted short, the worst -50%; table: {validation.GPU_TABLE})")
     assert validation.sentence(tmp_path / "summary.json", tmp_path / "reports" / "baselines").endswith(f"; and {gpu}")
     assert validation.sentence(tmp_path / "absent.json", tmp_path / "reports" / "baselines") == f"checked {gpu}"
+    # a table that cannot be read says nothing, and never breaks a report: a zero, a NaN, a relative folder
+    for bad in ("0", "nan"):
+        with open(table, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=pvm_fields())
+            writer.writeheader()
+            writer.writerow({**measured[0], "step_ms_measured": bad})
+        assert validation.gpu_sentence(tmp_path / "reports" / "baselines") is None
+    assert validation.gpu_sentence(Path("no-such-relative-folder")) is None
 
 
 def test_what_to_train_shows_predictions_of_another_preset(tmp_path):

@@ -18,7 +18,8 @@ from ..regimes import add_regime_arguments, regime_settings
 from ..runner import add_parallel_arguments, fsdp_settings
 from ..units import format_bytes
 from . import hardware as hw
-from .estimate import HOST_BOUND, predict_case
+from .efficiency import HOST_BOUND, is_host_bound
+from .estimate import predict_case
 
 MAX_FRAMES = 4096  # the frontier searches stop here
 MAX_RESOLUTION = 8192
@@ -194,7 +195,7 @@ def describe(record: dict) -> str:
         text += (f", step {p['step_ms']:.1f} ms expected{bound} (compute {p['compute_ms']:.1f}, "
                  f"memory {p['memory_ms']:.1f}")
         text += f", communication {p['comm_ms']:.1f})" if p.get("comm_ms") is not None else ")"
-    if any(w.startswith(HOST_BOUND) for w in record.get("warnings") or ()):
+    if is_host_bound(record):
         text += f"; {HOST_BOUND}: {p.get('kernels')} kernels, the CPU may not launch them as fast (record warnings)"
     return text
 

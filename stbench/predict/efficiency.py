@@ -54,6 +54,13 @@ import math
 from dataclasses import dataclass, field, replace
 
 HOST_BOUND = "host-bound risk (predicted)"  # the start of estimate.host_bound's warning (the report finds it)
+
+
+def is_host_bound(record: dict) -> bool:
+    """predict warned that the CPU may not launch this record's kernels as fast as the GPU runs them."""
+    return any(str(w).startswith(HOST_BOUND) for w in record.get("warnings") or ())
+
+
 EAGER_HOST_US = (5.0, 25.0)  # CPU time an eager op costs before its kernel runs, low and high (EAGER_HOST)
 EAGER_HOST = ("J. Lin, 'From PyTorch op to kernel launch' (lesson 18): about 5-25 us of CPU work per eager op; "
               "34 us per kernel measured on the lent H200 for serial-unet (reports/baselines/nvidia-h200/)")

@@ -17,7 +17,7 @@ import architectures
 
 from .. import planner, results
 from ..predict import hardware as hw
-from ..predict.efficiency import HOST_BOUND
+from ..predict.efficiency import HOST_BOUND, is_host_bound
 from ..units import format_bytes
 from . import validation
 
@@ -148,8 +148,7 @@ class Option:
 
     @property
     def host_bound(self) -> bool:
-        """predict warned that the CPU may not launch this step's kernels as fast as the GPU runs them."""
-        return any(w.startswith(HOST_BOUND) for w in self.record.get("warnings") or ())
+        return is_host_bound(self.record)
 
     @property
     def gpu_hours(self) -> float | None:

@@ -8,6 +8,7 @@ import matplotlib.ticker
 
 from .. import results
 from ..predict import hardware as hw
+from ..predict.efficiency import is_host_bound
 from . import answer, validation
 from .figures import LOG_SPAN, Figure, _styled, arch_colors, log_scale, to_data_uri
 
@@ -34,7 +35,7 @@ def pair(prediction: dict, measured: list[dict]) -> dict:
     """One table row: the prediction and, where the same case was measured on that hardware, the error."""
     p = prediction["predicted"]
     row = {"record": prediction, "p": p, "measured": None, "peak_error": None, "time_error": None,
-           "measured_peak": None, "measured_peak_field": None}
+           "measured_peak": None, "measured_peak_field": None, "host_bound": is_host_bound(prediction)}
     key = results.case_key({**prediction, "device": None, "predicted": None})
     for m in measured:
         if m["status"] != "ok" or not _runs_on(m, p["hardware"]):

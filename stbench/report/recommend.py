@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import results, stats
 from ..errors import UserError
 from ..measure import load
+from ..predict.efficiency import is_host_bound
 from ..runfolder import RESULTS_FILE
 from . import training
 from .verdict import config_label, family_of, forced_sparsity, match_key
@@ -121,6 +122,7 @@ def _predicted(records: list[dict], record: dict) -> list[dict]:
         rows.append({"hardware": p.get("hardware"), "peak_bytes": p.get("peak_bytes"), "fits": p.get("fits"),
                      "step_ms": p.get("step_ms"), "step_ms_bound": p.get("step_ms_bound"),
                      "gpu_hours": hours_per_steps(p.get("step_ms"), world), "gpus": world,
+                     "host_bound": is_host_bound(r),
                      "case": "" if same else f"{r['preset']}, {config_label(r, short=True)}"})
     return rows
 

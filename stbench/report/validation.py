@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -28,28 +29,45 @@ def summary(path: Path | None = None) -> dict | None:
 
 
 def gpu_sentence(folder: Path | None = None) -> str | None:
-    """'against N cases measured on GPU: median allocated-memory error X%, step-time error Y% (K of N predicted
-    short)' from each baseline's CSV table, or None."""
+    """'against N cases measured on GPU: median allocated-memory error X%, median step-time error Y% (K of N
+    predicted short, the worst -Z%)' from each baseline's CSV table, or None; never an error."""
     parts = []
     for table in sorted((folder or GPU_TABLES).glob(f"*/{GPU_TABLE}")):
         try:
-            with open(table, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("measured_on") and r.get("step_ms_measured")]
-            memory = [abs(float(r["allocated_predicted"]) / float(r["allocated_measured"]) - 1) for r in rows
-                      if r.get("allocated_predicted") and r.get("allocated_measured")]
-            steps = [float(r["step_ms_predicted"]) / float(r["step_ms_measured"]) - 1 for r in rows
-                     if r.get("step_ms_predicted")]
-        except (OSError, ValueError, KeyError):
-            continue
-        if not memory or not steps:
-            continue
-        gpu = rows[0]["measured_on"]
-        short = sum(e < 0 for e in steps)
-        parts.append(f"against {len(rows)} cases measured on an {gpu}: median allocated-memory error "
-                     f"{statistics.median(memory):.0%}, step-time error {statistics.median(abs(e) for e in steps):.0%}"
-                     f" ({short} of {len(steps)} step times predicted short; table: "
-                     f"{table.relative_to(table.parents[3]).as_posix()})")
-    return "; ".join(parts) or None
+            parts.append(_table_clause(table))
+        except (OSError, ValueError, KeyError, ArithmeticError, csv.Error):
+            continue  # an unreadable table says nothing
+    parts = [p for p in parts if p]
+    return "; and ".join(parts) or None
+
+
+def _table_clause(table: Path) -> str | None:
+    """One baseline's clause: the rows measured on a GPU that have both errors (one case count for both)."""
+    def ratio(row, name):
+        value = float(row[f"{name}_predicted"]) / float(row[f"{name}_measured"]) - 1
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: not a number")
+        return value
+
+    with open(table, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("measured_on") and r.get("hardware") not in (None, "", "cpu")
+                and all(r.get(k) for k in ("allocated_predicted", "allocated_measured", "step_ms_predicted",
+                                           "step_ms_measured"))]
+    if not rows:
+        return None
+    memory = [abs(ratio(r, "allocated")) for r in rows]
+    steps = [ratio(r, "step_ms") for r in rows]
+    gpus = sorted({r["measured_on"] for r in rows})
+    short = sum(e < 0 for e in steps)
+    worst = max(steps, key=abs)
+    try:
+        where = table.relative_to(REPORTS.parent).as_posix()
+    except ValueError:
+        where = table.name
+    cases = f"{len(rows)} case{'s' if len(rows) != 1 else ''}"
+    return (f"against {cases} measured on {' and '.join(gpus)}: median allocated-memory error "
+            f"{statistics.median(memory):.0%}, median step-time error {statistics.median(abs(e) for e in steps):.0%} "
+            f"({short} of {len(steps)} predicted short, the worst {worst:+.0%}; table: {where})")
 
 
 def sentence(path: Path | None = None, gpu_folder: Path | None = None) -> str | None:
@@ -65,9 +83,9 @@ def sentence(path: Path | None = None, gpu_folder: Path | None = None) -> str | 
     parts = []
     if data.get("median_abs_memory_error") is not None:
         parts.append(f"median memory error {data['median_abs_memory_error']:.0%}"
-                     + (f" ({data['memory_rows']} runs)" if data.get("memory_rows") else ""))
+                     + (f" ({data['memory_rows']} figures)" if data.get("memory_rows") else ""))
     if data.get("time_rows") and data.get("median_abs_time_error") is not None:
-        parts.append(f"time error {data['median_abs_time_error']:.0%} ({data['time_rows']} runs)")
+        parts.append(f"time error {data['median_abs_time_error']:.0%} ({data['time_rows']} figures)")
     if parts:
         text += ": " + ", ".join(parts)
     if data.get("table"):
