@@ -1,9 +1,9 @@
 """Achieved memory bandwidth of PyTorch's eager memory-bound kernels, by kernel kind and tensor size.
 
 A kernel microbenchmark (like the matmul one behind MAMF in stbench/predict/efficiency.py), not a training step:
-each kind is timed alone with CUDA events (warm-up, then --repeats runs back to back between one pair of events,
-the median of 3 such groups; --per-call: the median of --repeats runs each between its own events, which
-includes a launch latency in each, as the committed H200 figures were timed), and its bytes are the
+each kind is timed alone (3 warm-up runs, then the median of --repeats runs queued back to back, each between its
+own CUDA events: stbench.measure.timing.time_steps; --per-call: each run waited for before the next, a launch
+latency inside each, as the committed H200 figures were timed), and its bytes are the
 minimum a kernel must move (every input read once, every output written once). The fraction is of the
 hardware table's datasheet bandwidth for the GPU (stbench.predicted_vs_measured.hardware_for_gpu).
 
@@ -16,12 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stbench.measure import timing  # noqa: E402
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -78,28 +79,14 @@ def _parameter_like(n: int) -> list[int]:
 
 
 def seconds(run, device: str, repeats: int, per_call: bool) -> float:
-    """Seconds per run: back to back between one pair of CUDA events (the launch latency hidden behind the
-    previous run), or per call between its own events, a launch latency included (--per-call)."""
+    """Median seconds per run after 3 warm-up runs, timed by stbench.measure.timing.time_steps as `stbench run`
+    times steps: on CUDA each run between its own events, queued without waiting, so a launch's latency hides
+    behind the previous run. --per-call: each run waited for before the next is queued, a launch latency inside."""
     for _ in range(3):
         run()
-    if device != "cuda":
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
-    calls = 1 if per_call else repeats
-    samples = []
-    for _ in range(repeats if per_call else 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            run()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(samples)
+    if per_call:
+        return statistics.median(timing.time_steps(run, 1, device).median_ms for _ in range(repeats)) / 1e3
+    return timing.time_steps(run, repeats, device).median_ms / 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
