@@ -82,9 +82,8 @@ def predicted(flags: list[str]) -> tuple[dict, dict, dict]:
     command.add_arguments(parser)
     args = parser.parse_args(flags)
     sweep = command.sweep_from_args(args)
-    cases = [sweep.case(a, h, r, f, b, w) for a in sweep.archs for h in sweep.hardware for r in sweep.resolutions
-             for f in sweep.frames for b in sweep.batches for w in sweep.world_sizes]
-    if len(cases) != 1 or len(sweep.hardware) != 1:
+    cases = [sweep.case(*point) for point in sweep.grid()]
+    if len(cases) != 1:
         parser.error("give exactly one case and one --hardware")
     target = hw.get(sweep.hardware[0])
     trace = estimate.cached_trace(cases[0], estimate.foreach_for(target))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ class PredictSweep:
         if self.context_parallel is None or self.fsdp is None:
             return 1
         return max(1, self.world_sizes[0] // self.fsdp)
+
+    def grid(self) -> list[tuple]:
+        """Every (arch, hardware, resolution, frames, batch, world) of the grid, in the order predict writes them
+        (per arch and hardware: resolutions, then batches, then frames, then world sizes)."""
+        return [(a, h, r, f, b, w) for a, h, r, b, f, w in itertools.product(
+            self.archs, self.hardware, self.resolutions, self.batches, self.frames, self.world_sizes)]
 
     def case(self, arch: str, hardware: str, resolution: int | tuple[int, int], frames: int, batch: int,
              world: int = 1) -> Case:
@@ -152,13 +159,8 @@ def sweep_from_args(args: argparse.Namespace) -> PredictSweep:
                          fsdp_reshard_after_forward=args.fsdp_reshard_after_forward,
                          fsdp_mixed_precision=args.fsdp_mixed_precision or None, exact=args.exact,
                          **regime_settings(args))
-    for arch in sweep.archs:  # every case is checked before anything is written
-        for name in sweep.hardware:
-            for r in sweep.resolutions:
-                for f in sweep.frames:
-                    for b in sweep.batches:
-                        for w in sweep.world_sizes:
-                            sweep.case(arch, name, r, f, b, w)
+    for point in sweep.grid():  # every case is checked before anything is written
+        sweep.case(*point)
     return sweep
 
 
@@ -349,22 +351,19 @@ def execute(args: argparse.Namespace) -> int:
     path = runfolder.open_run_folder(out, command=command, resume=args.resume, settings=json_settings(sweep))
     done = {results.case_key(r): r for r in results.read_records(path)} if path.exists() else {}
     predict = Predictor(out, done, exact=sweep.exact)
-    targets = [hw.get(name) for name in sweep.hardware]
+    targets = {name: hw.get(name) for name in sweep.hardware}
 
     def emit(line: str) -> None:
         print(line, flush=True)
         with open(out / FRONTIER_FILE, "a") as f:  # appended line by line: a killed search keeps its answers
             f.write(line + "\n")
 
-    for arch in sweep.archs:
-        for target in targets:
-            if sweep.frontier:
+    if sweep.frontier:
+        for arch in sweep.archs:
+            for target in targets.values():
                 _frontiers(sweep, predict, arch, target, emit)
-                continue
-            for r in sweep.resolutions:
-                for b in sweep.batches:
-                    for f in sweep.frames:
-                        for w in sweep.world_sizes:
-                            predict(sweep.case(arch, target.name, r, f, b, w), target, w)
+    else:
+        for arch, name, r, f, b, w in sweep.grid():
+            predict(sweep.case(arch, name, r, f, b, w), targets[name], w)
     print(f"stbench: predictions -> {path}", file=sys.stderr)
     return 0
