@@ -61,9 +61,7 @@ def is_host_bound(record: dict) -> bool:
     return any(str(w).startswith(HOST_BOUND) for w in record.get("warnings") or ())
 
 
-EAGER_HOST_US = (5.0, 25.0)  # CPU time an eager op costs before its kernel runs, low and high (EAGER_HOST)
-EAGER_HOST = ("J. Lin, 'From PyTorch op to kernel launch' (lesson 18): about 5-25 us of CPU work per eager op; "
-              "34 us per kernel measured on the lent H200 for serial-unet (reports/baselines/nvidia-h200/)")
+EAGER_HOST_US = (5.0, 25.0)  # CPU time an eager op costs before its kernel runs, low and high (EAGER_HOST above)
 HBM_KERNELS = ("measured on the lent H200 by scripts/hbm_bandwidth.py at 256M elements "
                "(reports/baselines/nvidia-h200/raw/hbm_bandwidth.txt): bf16->fp32 cast 0.434, fp32 _foreach_add_ "
                "0.716 of 4.8 TB/s (each low by at most 5%: one launch latency inside each timing)")

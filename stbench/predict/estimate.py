@@ -152,7 +152,7 @@ def predict_case(case: Case, hardware: Hardware, world: int = 1, exact: bool = F
 
 def host_bound(predicted: dict) -> str | None:
     """A warning where the CPU's launch work may outlast the GPU's kernels: step_ms assumes the GPU never waits,
-    and an eager op costs the CPU about 5-25 us (efficiency.EAGER_HOST) whatever its kernel's size."""
+    and an eager op costs the CPU about 5-25 us (efficiency's EAGER_HOST source) whatever its kernel's size."""
     gpu_ms, kernels = predicted.get("kernels_ms", predicted.get("step_ms")), predicted.get("kernels") or 0
     low, high = (kernels * us / 1e3 for us in efficiency.EAGER_HOST_US)
     if not gpu_ms or high < gpu_ms:
