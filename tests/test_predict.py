@@ -92,6 +92,30 @@ def test_flops_and_saved_bytes_equal_run():  # the UNet is compared in the host-
     assert predicted["predicted"]["step_ms"] is None  # no time model for the CPU
 
 
+def test_trace_keeps_torchs_unfused_rms_norm_warning_to_itself():
+    """wan's rms_norm under bf16 autocast (fp32 weight) warns that it runs unfused, once per process; every wan
+    prediction printed it. With torch warning every time, a bare call still warns and the trace does not."""
+    import warnings
+
+    import torch
+
+    case = Case(arch="wan", preset="tiny", mode="full", frames=5, resolution=64, device="cpu", dtype="bf16")
+    was = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings(record=True) as bare:
+            warnings.simplefilter("always")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.nn.functional.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), (8,), torch.ones(8))
+        with warnings.catch_warnings(record=True) as traced:
+            warnings.simplefilter("always")
+            fake.trace_step(case)
+    finally:
+        torch.set_warn_always(was)
+    assert any("Mismatch dtype between input and weight" in str(w.message) for w in bare)
+    assert not [w for w in traced if "Mismatch dtype" in str(w.message)]
+
+
 def test_fake_step_allocates_like_the_real_step():
     from stbench.step import TrainingStep
 
