@@ -250,6 +250,48 @@ def two_ranks(tmp_path_factory):
                        "ring_dsv_defaults": _ring_dsv_defaults}, tmp_path_factory.mktemp("two_ranks"))
 
 
+def test_ring_chunks_run_fused_and_the_formed_fallback_gives_the_same_gradients(monkeypatch):
+    """A ring chunk runs the device's flash kernel: no (n, m) score matrix is made, forward or backward. The
+    fallback that forms scores (fp32 on CUDA) gives the same output, log-sum-exp and per-chunk gradients given the
+    merged output and log-sum-exp of two chunks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    B, H, n, m, D = 1, 2, 48, 40, 8
+    g = torch.Generator().manual_seed(3)
+    q, k1, k2, v1, v2, dout = (torch.randn(B, H, size, D, generator=g, dtype=torch.float64)
+                               for size in (n, m, m, m, m, n))
+
+    def both_chunks():
+        (o1, l1, r1), (o2, l2, r2) = (ring.chunk_attention(q, k, v, 0.3) for k, v in ((k1, v1), (k2, v2)))
+        out, lse = ring.merge_partial(*ring.merge_partial(None, None, o1, l1), o2, l2)
+        grads = [ring._chunk_grads(q, k, v, dout, out, lse, 0.3, r) for k, v, r in ((k1, v1, r1), (k2, v2, r2))]
+        return out, lse, grads
+
+    with Largest() as fused_sizes:
+        fused = both_chunks()
+    monkeypatch.setattr(ring, "_flash_kernel", lambda q: None)
+    with Largest() as formed_sizes:
+        formed = both_chunks()
+    assert fused_sizes.numel < B * H * n * m <= formed_sizes.numel
+    torch.testing.assert_close(fused[:2], formed[:2], **TOL)
+    for a, b in zip(fused[2], formed[2]):
+        torch.testing.assert_close(a, b, **TOL)
+    reference = dense_attention(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), scale=0.3)
+    torch.testing.assert_close(fused[0], reference, **TOL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
 def test_context_parallel_step_equals_single_process(mode, two_ranks):

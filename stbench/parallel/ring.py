@@ -48,15 +48,38 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def chunk_attention(q, k, v, scale: float):
-    """Attention of q on one key/value chunk: (out (B,H,n,D), lse (B,H,n)) in the accumulation dtype.
+def _flash_kernel(q: torch.Tensor) -> str | None:
+    """The flash kernel that returns the log-sum-exp the merge needs, on q's device: "cpu" (any float dtype),
+    "cuda" (FlashAttention-2: fp16/bf16, head dim a multiple of 8 up to 256, sm80 or newer), or None."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+        return "cuda"
+    return None
 
-    Products run in the input dtype (tensor cores for bf16), softmax statistics and sums in fp32 or better.
+
+def chunk_attention(q, k, v, scale: float):
+    """Attention of q on one key/value chunk: (out (B,H,n,D) in the accumulation dtype, lse (B,H,n), rng).
+
+    A fused flash kernel where the device has one (`_flash_kernel`), as fused ring attention runs: no (n, m)
+    score matrix is materialised, so a chunk costs O(n) memory. Otherwise (fp32 on CUDA) the scores are formed:
+    products in the input dtype, softmax statistics and sums in fp32 or better. rng: CUDA flash's philox
+    (seed, offset), which its backward takes (unused without dropout), or None.
     """
+    aten = torch.ops.aten
     acc = _acc_dtype(q.dtype)
+    kernel = _flash_kernel(q)
+    if kernel == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out.to(acc), lse, None
+    if kernel == "cuda":
+        out, lse, _, _, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                                     scale=scale)
+        return out.to(acc), lse, (seed, offset)
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # (B, H, n, m)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)).to(v.dtype), v).to(acc), lse
+    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)).to(v.dtype), v).to(acc), lse, None
 
 
 def merge_partial(out, lse, out_i, lse_i):
@@ -67,9 +90,23 @@ def merge_partial(out, lse, out_i, lse_i):
     return out * torch.exp(lse - new).unsqueeze(-1) + out_i * torch.exp(lse_i - new).unsqueeze(-1), new
 
 
-def _chunk_grads(q, k, v, dout, lse, delta, scale):
-    """dq, dk, dv (accumulation dtype) of one chunk given the global lse and delta = rowsum(dout * out)."""
+def _chunk_grads(q, k, v, dout, out, lse, scale, rng):
+    """dq, dk, dv (accumulation dtype) of one chunk, given the merged output and log-sum-exp over all chunks.
+
+    With the global out and lse a flash backward computes exactly this chunk's share (its softmax rows are
+    exp(s - lse), its delta rowsum(dout * out)); without flash (`chunk_attention`'s fallback) they are formed."""
+    aten = torch.ops.aten
     acc = lse.dtype
+    kernel = _flash_kernel(q)
+    if kernel == "cpu":
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out.to(q.dtype), lse, 0.0,
+                                                                          False, scale=scale)
+        return tuple(g.to(acc) for g in grads)
+    if kernel == "cuda":
+        grads = aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out.to(q.dtype), lse, None, None, q.shape[2], k.shape[2], 0.0, False, *rng, scale=scale)
+        return tuple(g.to(acc) for g in grads)
+    delta = (dout.to(acc) * out).sum(-1)  # (B, H, n)
     p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale - lse.unsqueeze(-1))  # (B, H, n, m)
     dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), dout).to(acc)
     ds = (p * (torch.matmul(dout, v.transpose(-1, -2)).to(acc) - delta.unsqueeze(-1))).to(q.dtype)
@@ -87,35 +124,36 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, group, counter):
         world = dist.get_world_size(group)
         kv = torch.stack([k, v])  # (2, B, H, m, D), sent in the input dtype
-        out = lse = None
+        out = lse = rng = None
         with torch.autocast(q.device.type, enabled=False):
             for step in range(world):
                 if step < world - 1:
                     nxt, pending = _ring_shift(kv, group, counter, "attention")  # overlaps the compute below
-                out, lse = merge_partial(out, lse, *chunk_attention(q, kv[0], kv[1], scale))
+                out_i, lse_i, rng_i = chunk_attention(q, kv[0], kv[1], scale)
+                rng = rng or rng_i
+                out, lse = merge_partial(out, lse, out_i, lse_i)
                 if step < world - 1:
                     _wait(pending)
                     kv = nxt
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group, ctx.counter = scale, group, counter
+        ctx.scale, ctx.group, ctx.counter, ctx.rng = scale, group, counter, rng
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, counter, scale = ctx.group, ctx.counter, ctx.scale
+        group, counter, scale, rng = ctx.group, ctx.counter, ctx.scale, ctx.rng
         world = dist.get_world_size(group)
         with torch.autocast(q.device.type, enabled=False):
-            dout = dout.to(q.dtype)
-            delta = (dout.to(out.dtype) * out).sum(-1)  # (B, H, n)
+            dout = dout.to(q.dtype).contiguous()
             kv = torch.stack([k, v])
-            dq, dk_own, dv_own = _chunk_grads(q, k, v, dout, lse, delta, scale)
+            dq, dk_own, dv_own = _chunk_grads(q, k, v, dout, out, lse, scale, rng)
             travelling = None  # (2, B, H, m, D): dk/dv of the chunk held now, following it to its owner
             for _ in range(1, world):
                 kv = _shift_now(kv, group, counter)
                 if travelling is not None:
                     travelling = _shift_now(travelling, group, counter)
-                dq_i, dk_i, dv_i = _chunk_grads(q, kv[0], kv[1], dout, lse, delta, scale)
+                dq_i, dk_i, dv_i = _chunk_grads(q, kv[0], kv[1], dout, out, lse, scale, rng)
                 dq = dq + dq_i
                 contribution = torch.stack([dk_i, dv_i])
                 travelling = contribution if travelling is None else travelling + contribution
