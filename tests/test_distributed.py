@@ -250,7 +250,7 @@ def two_ranks(tmp_path_factory):
                        "ring_dsv_defaults": _ring_dsv_defaults}, tmp_path_factory.mktemp("two_ranks"))
 
 
-def test_ring_chunks_run_fused_and_the_formed_fallback_gives_the_same_gradients(monkeypatch):
+def test_ring_chunks_run_fused_and_the_formed_fallback_gives_the_same_gradients():
     """A ring chunk runs the device's flash kernel: no (n, m) score matrix is made, forward or backward. The
     fallback that forms scores (fp32 on CUDA) gives the same output, log-sum-exp and per-chunk gradients given the
     merged output and log-sum-exp of two chunks."""
@@ -273,17 +273,21 @@ def test_ring_chunks_run_fused_and_the_formed_fallback_gives_the_same_gradients(
     q, k1, k2, v1, v2, dout = (torch.randn(B, H, size, D, generator=g, dtype=torch.float64)
                                for size in (n, m, m, m, m, n))
 
-    def both_chunks():
-        (o1, l1, r1), (o2, l2, r2) = (ring.chunk_attention(q, k, v, 0.3) for k, v in ((k1, v1), (k2, v2)))
+    def both_chunks(kernel):
+        (o1, l1, r1), (o2, l2, r2) = (ring.chunk_attention(q, k, v, 0.3, kernel) for k, v in ((k1, v1), (k2, v2)))
         out, lse = ring.merge_partial(*ring.merge_partial(None, None, o1, l1), o2, l2)
-        grads = [ring._chunk_grads(q, k, v, dout, out, lse, 0.3, r) for k, v, r in ((k1, v1, r1), (k2, v2, r2))]
+        grads = [ring._chunk_grads(q, k, v, dout, out if kernel is None else out.to(q.dtype), lse, 0.3, kernel, r)
+                 for k, v, r in ((k1, v1, r1), (k2, v2, r2))]
         return out, lse, grads
 
+    assert ring._flash_kernel(q, k1, v1) == "cpu"
+    with ring.chunks_as_on("cuda"):  # a GPU's step on CPU tensors (predict): flash for fp16/bf16 only
+        assert [ring._flash_kernel(t, t, t) for t in (q, q.bfloat16(), q.half(), q[..., :6].bfloat16())] == \
+            [None, "cuda", "cuda", None]
     with Largest() as fused_sizes:
-        fused = both_chunks()
-    monkeypatch.setattr(ring, "_flash_kernel", lambda q: None)
+        fused = both_chunks("cpu")
     with Largest() as formed_sizes:
-        formed = both_chunks()
+        formed = both_chunks(None)
     assert fused_sizes.numel < B * H * n * m <= formed_sizes.numel
     torch.testing.assert_close(fused[:2], formed[:2], **TOL)
     for a, b in zip(fused[2], formed[2]):

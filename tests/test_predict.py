@@ -267,6 +267,31 @@ def _sharded(case: Case, world: int) -> Case:
                                fsdp_reshard_after_forward=True, fsdp_mixed_precision=False)
 
 
+def test_ring_chunks_are_traced_as_the_target_runs_them_and_timed_at_their_backend():
+    """Predicting for a GPU, bf16 ring chunks run CUDA's FlashAttention-2 by name (on fake tensors, by its meta
+    function) and are timed at FlashAttention-2's rate, not at the H100's default (cuDNN); fp32 ring chunks form
+    their scores as on CUDA; for the CPU every chunk is the CPU's flash kernel."""
+    def attention_ops(dtype, foreach):
+        case = Case(arch="dit-full", preset="tiny", mode="full", frames=8, resolution=64, device="cpu", dtype=dtype,
+                    fsdp=1, context_parallel="ring", activation_checkpointing="none")
+        return [op for op in fake.trace_step(case, foreach=foreach, world=2).ops if "attention" in op.name]
+
+    names = lambda ops: sorted({op.name.split(".")[1] for op in ops})  # noqa: E731
+    gpu_bf16 = attention_ops("bf16", True)
+    assert names(gpu_bf16) == ["_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+                               "_scaled_dot_product_flash_attention_for_cpu",  # text cross-attention: SDPA's pick
+                               "_scaled_dot_product_flash_attention_for_cpu_backward"]
+    h100 = efficiency.for_hardware(hardware.get("h100-sxm"))
+    fractions = {(op.name.split(".")[1], roofline.compute_fraction(op, h100)) for op in gpu_bf16}
+    assert fractions == {("_scaled_dot_product_flash_attention", 370 / 989.4),
+                         ("_scaled_dot_product_flash_attention_backward", 322 / 989.4),
+                         ("_scaled_dot_product_flash_attention_for_cpu", 595 / 989.4),
+                         ("_scaled_dot_product_flash_attention_for_cpu_backward", 516 / 989.4)}
+    assert names(attention_ops("fp32", True)) == ["_scaled_dot_product_flash_attention_for_cpu",
+                                                  "_scaled_dot_product_flash_attention_for_cpu_backward"]
+    assert {op.backend for op in attention_ops("bf16", False)} == {""}
+
+
 def test_storage_resizes_are_a_free_then_an_allocation():
     """FSDP2 frees gathered parameters with `storage.resize_(0)` and re-allocates them with `resize_(n)`."""
     import gc

@@ -6,6 +6,8 @@ The `cp` protocol and byte counting are in `context_parallel`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -48,28 +50,49 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _flash_kernel(q: torch.Tensor) -> str | None:
-    """The flash kernel that returns the log-sum-exp the merge needs, on q's device: "cpu" (any float dtype),
-    "cuda" (FlashAttention-2: fp16/bf16, head dim a multiple of 8 up to 256, sm80 or newer), or None."""
-    if q.device.type == "cpu":
+# the device a step stands for where its tensors live elsewhere: predict runs a GPU's step on fake CPU tensors, and
+# its ring chunks must take CUDA's kernels (and their memory and names), not the CPU's
+_STANDS_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("ring_stands_for", default=None)
+
+
+@contextlib.contextmanager
+def chunks_as_on(device_type: str):
+    """Within: ring chunks choose their kernel as on `device_type` ("cuda" or "cpu"), whatever their tensors' device
+    (a CUDA kernel then runs on fake tensors by its meta function)."""
+    token = _STANDS_FOR.set(device_type)
+    try:
+        yield
+    finally:
+        _STANDS_FOR.reset(token)
+
+
+def _flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """The flash kernel that returns the log-sum-exp the merge needs: "cpu" (any float dtype), "cuda"
+    (FlashAttention-2, where torch's own SDPA checks allow it: fp16/bf16, head dims, the GPU's architecture), or
+    None (scores formed). A CUDA step on fake CPU tensors (predict) stands for an sm80/sm90 GPU: fp16/bf16 with a
+    head dim a multiple of 8 up to 256."""
+    device = _STANDS_FOR.get() or q.device.type
+    if device == "cpu":
         return "cpu"
-    if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+    if q.device.type == "cuda":
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        return "cuda" if torch.backends.cuda.can_use_flash_attention(params) else None
+    if device == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 \
+            and q.shape[-1] <= 256:
         return "cuda"
     return None
 
 
-def chunk_attention(q, k, v, scale: float):
+def chunk_attention(q, k, v, scale: float, kernel: str | None):
     """Attention of q on one key/value chunk: (out (B,H,n,D) in the accumulation dtype, lse (B,H,n), rng).
 
-    A fused flash kernel where the device has one (`_flash_kernel`), as fused ring attention runs: no (n, m)
-    score matrix is materialised, so a chunk costs O(n) memory. Otherwise (fp32 on CUDA) the scores are formed:
-    products in the input dtype, softmax statistics and sums in fp32 or better. rng: CUDA flash's philox
-    (seed, offset), which its backward takes (unused without dropout), or None.
+    kernel (`_flash_kernel`): a fused flash kernel, as fused ring attention runs: no (n, m) score matrix is
+    materialised, so a chunk costs O(n) memory. None (fp32 on CUDA): the scores are formed, products in the input
+    dtype, softmax statistics and sums in fp32 or better. rng: CUDA flash's philox (seed, offset), which its
+    backward takes (unused without dropout), or None.
     """
     aten = torch.ops.aten
     acc = _acc_dtype(q.dtype)
-    kernel = _flash_kernel(q)
     if kernel == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out.to(acc), lse, None
@@ -90,21 +113,21 @@ def merge_partial(out, lse, out_i, lse_i):
     return out * torch.exp(lse - new).unsqueeze(-1) + out_i * torch.exp(lse_i - new).unsqueeze(-1), new
 
 
-def _chunk_grads(q, k, v, dout, out, lse, scale, rng):
-    """dq, dk, dv (accumulation dtype) of one chunk, given the merged output and log-sum-exp over all chunks.
+def _chunk_grads(q, k, v, dout, out, lse, scale, kernel, rng):
+    """dq, dk, dv (accumulation dtype) of one chunk, given the merged output (the input dtype for a flash kernel,
+    the accumulation dtype without) and log-sum-exp over all chunks.
 
     With the global out and lse a flash backward computes exactly this chunk's share (its softmax rows are
     exp(s - lse), its delta rowsum(dout * out)); without flash (`chunk_attention`'s fallback) they are formed."""
     aten = torch.ops.aten
     acc = lse.dtype
-    kernel = _flash_kernel(q)
     if kernel == "cpu":
-        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out.to(q.dtype), lse, 0.0,
-                                                                          False, scale=scale)
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, False,
+                                                                          scale=scale)
         return tuple(g.to(acc) for g in grads)
     if kernel == "cuda":
         grads = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out.to(q.dtype), lse, None, None, q.shape[2], k.shape[2], 0.0, False, *rng, scale=scale)
+            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, *rng, scale=scale)
         return tuple(g.to(acc) for g in grads)
     delta = (dout.to(acc) * out).sum(-1)  # (B, H, n)
     p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale - lse.unsqueeze(-1))  # (B, H, n, m)
@@ -125,35 +148,37 @@ class _RingAttention(torch.autograd.Function):
         world = dist.get_world_size(group)
         kv = torch.stack([k, v])  # (2, B, H, m, D), sent in the input dtype
         out = lse = rng = None
+        kernel = _flash_kernel(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
             for step in range(world):
                 if step < world - 1:
                     nxt, pending = _ring_shift(kv, group, counter, "attention")  # overlaps the compute below
-                out_i, lse_i, rng_i = chunk_attention(q, kv[0], kv[1], scale)
+                out_i, lse_i, rng_i = chunk_attention(q, kv[0], kv[1], scale, kernel)
                 rng = rng or rng_i
                 out, lse = merge_partial(out, lse, out_i, lse_i)
                 if step < world - 1:
                     _wait(pending)
                     kv = nxt
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group, ctx.counter, ctx.rng = scale, group, counter, rng
+        ctx.save_for_backward(q, k, v, out, lse, *(rng or ()))  # saved: freed with the rest after backward
+        ctx.scale, ctx.group, ctx.counter, ctx.kernel = scale, group, counter, kernel
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, counter, scale, rng = ctx.group, ctx.counter, ctx.scale, ctx.rng
+        q, k, v, out, lse, *rng = ctx.saved_tensors
+        group, counter, scale, kernel = ctx.group, ctx.counter, ctx.scale, ctx.kernel
+        out = out if kernel is None else out.to(q.dtype)  # a flash backward takes the output in the input dtype
         world = dist.get_world_size(group)
         with torch.autocast(q.device.type, enabled=False):
             dout = dout.to(q.dtype).contiguous()
             kv = torch.stack([k, v])
-            dq, dk_own, dv_own = _chunk_grads(q, k, v, dout, out, lse, scale, rng)
+            dq, dk_own, dv_own = _chunk_grads(q, k, v, dout, out, lse, scale, kernel, rng)
             travelling = None  # (2, B, H, m, D): dk/dv of the chunk held now, following it to its owner
             for _ in range(1, world):
                 kv = _shift_now(kv, group, counter)
                 if travelling is not None:
                     travelling = _shift_now(travelling, group, counter)
-                dq_i, dk_i, dv_i = _chunk_grads(q, kv[0], kv[1], dout, out, lse, scale, rng)
+                dq_i, dk_i, dv_i = _chunk_grads(q, kv[0], kv[1], dout, out, lse, scale, kernel, rng)
                 dq = dq + dq_i
                 contribution = torch.stack([dk_i, dv_i])
                 travelling = contribution if travelling is None else travelling + contribution

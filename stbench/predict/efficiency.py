@@ -115,8 +115,9 @@ class Efficiency:
             if not 0 < value <= 1:
                 raise ValueError(f"efficiency {name} must be in (0, 1], got {value}")
 
-    def attention_fraction(self, backward: bool) -> float:
-        pair = self.attention.get(self.backend) or self.attention.get(DEFAULT_BACKEND) or (1.0, 1.0)
+    def attention_fraction(self, backward: bool, backend: str = "") -> float:
+        """(forward or backward) fraction of the dense peak of `backend`'s kernels ("": this hardware's default)."""
+        pair = self.attention.get(backend or self.backend) or self.attention.get(DEFAULT_BACKEND) or (1.0, 1.0)
         return pair[1] if backward else pair[0]
 
     def memory_fraction(self, memory_class: str = "") -> float:

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..measure import activations, memory
 from ..measure.memory import local_tensor
 from ..parallel import fsdp as fsdp_lib
+from ..parallel import ring
 from .. import regimes
 from . import blocks, sharded, sparse
 from .roofline import OpCost, launches_kernel, op_cost
@@ -225,7 +226,8 @@ def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int =
                exact: bool = False) -> StepTrace:
     """Run `steps` fake training steps of `case`; the last one is traced as the steady state.
 
-    foreach: AdamW's implementation (must be explicit under fake tensors): True as on CUDA, False as on CPU.
+    foreach: True as on CUDA (AdamW foreach, ring chunks on CUDA's kernels), False as on CPU (AdamW's per-parameter
+    loop); AdamW's implementation must be explicit under fake tensors.
     world: with `case.fsdp`, the ranks of the layout, of which rank 0 is traced (see `sharded`).
     exact: trace every block; otherwise repeated blocks are traced once and spliced in (`blocks`), falling
     back to the whole model where they do not repeat (`reuse` says which happened).
@@ -234,7 +236,8 @@ def trace_step(case: Case, *, foreach: bool = True, steps: int = 2, world: int =
         # rms_norm under autocast (bf16 input, fp32 weight) takes torch's unfused composite path on CUDA as on
         # the CPU, warning once that it does; the trace already counts that path's kernels one by one
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-        return _traced(case, foreach, steps, world, exact)
+        with ring.chunks_as_on("cuda" if foreach else "cpu"):  # ring chunks take the target's kernels
+            return _traced(case, foreach, steps, world, exact)
 
 
 def _traced(case: Case, foreach: bool, steps: int, world: int, exact: bool) -> StepTrace:

@@ -40,10 +40,18 @@ class OpCost:
     kind: str = OTHER  # gemm | attention | attention_backward | other (memory-bound unless it has FLOPs)
     gemm: tuple = ()  # (batch, rows, columns) of a GEMM's output (convolutions: implicit GEMM)
     memory: str = ""  # upcast | foreach: a memory-bound kernel with its own bandwidth; "": the common one
+    backend: str = ""  # attention: the backend its op names (NAMED_BACKENDS); "": the hardware's default
 
 
 def _tensors(tree):
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+# aten's CUDA attention ops name their backend (ring attention calls FlashAttention-2's by name); the CPU flash op
+# that SDPA reaches in a fake step stands for whichever backend SDPA picks on the GPU: the hardware's default
+NAMED_BACKENDS = {f"_scaled_dot_product_{op}_attention{part}": backend
+                  for op, backend in (("flash", "flash2"), ("efficient", "efficient"), ("cudnn", "cudnn"))
+                  for part in ("", "_backward")}
 
 
 def launches_kernel(func) -> bool:
@@ -60,7 +68,7 @@ def op_cost(func, args, kwargs, out) -> OpCost:
     math = HALF.get(dtype) or ("tf32" if func in CONVOLUTIONS else "fp32")
     name = str(func)
     return OpCost(name, count, moved, math, kind_of(name), _gemm_shape(func, args, out),
-                  _memory_class(func, name, inputs, outputs))
+                  _memory_class(func, name, inputs, outputs), NAMED_BACKENDS.get(func._overloadpacket.__name__, ""))
 
 
 def _memory_class(func, name: str, inputs: list, outputs: list) -> str:
@@ -117,7 +125,7 @@ def compute_fraction(op: OpCost, efficiency: Efficiency) -> float:
     if op.kind == GEMM:
         return efficiency.gemm_fraction(*op.gemm) if op.gemm else efficiency.gemm
     if op.kind in (ATTENTION, ATTENTION_BACKWARD):
-        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD)
+        return efficiency.attention_fraction(op.kind == ATTENTION_BACKWARD, op.backend)
     return efficiency.gemm if op.flops else 1.0  # other FLOP-counted ops are matmul-like (tensor cores)
 
 
