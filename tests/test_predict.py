@@ -380,6 +380,7 @@ def test_fewest_gpus_that_fit(tmp_path):
                      bandwidth_bytes_s=None, caching_allocator=False, context_bytes=0)
     n, why = command.fewest_gpus(predict, make, tight, start=1)
     assert n is None and "more GPUs do not help" in why
+    assert "(fitted on 2 and 4 GPUs)" in why  # not on 1: one GPU runs unsharded, off the sharded ranks' line
 
 
 def test_predict_layout_bad_input_is_one_line(tmp_path, capsys):

@@ -189,7 +189,7 @@ def test_every_invocation_is_listed_with_its_own_settings(rendered):
     assert f"{len(info['invocations'])} commands wrote into this run" in html
     rows = re.findall(r"<tr><td class=\"num\">\d+</td>.*?</tr>", html, re.S)
     assert len(rows) == len(info["invocations"]) == 7
-    assert "<code>world-size=8,16</code>" in rows[2] and "<code>fsdp=4</code>" in rows[6]
+    assert "<code>world_sizes=8, 16</code>" in rows[2] and "<code>fsdp=4</code>" in rows[6]
     assert "<code>fsdp=4</code>" not in rows[2]
     assert sum(int(n) for n in re.findall(r'<td class="num">(\d+)</td></tr>', "".join(rows))) == 20
 
@@ -272,9 +272,18 @@ def test_the_overlap_check_sees_overlapping_labels():
     assert ("largest case", "none frames @ 640px") in overlaps(boxes)
 
 
-def test_step_times_predicted_before_expected_times_are_labelled_bounds(rendered):
-    """The committed wan 14b records predate the expected time: their step_ms is the roofline bound, and says so."""
-    wan = _section(rendered["html"]["wan"], "answer")
+def test_step_times_predicted_before_expected_times_are_labelled_bounds(rendered, tmp_path):
+    """Records that predate the expected time (no step_ms_bound: the wan 14b predictions as first committed) have
+    the roofline bound as their step_ms, and say so."""
+    old = tmp_path / "wan-old"
+    shutil.copytree(WAN, old)
+    lines = [json.loads(line) for line in (old / "results.jsonl").read_text().splitlines()]
+    for record in lines:
+        if record.get("predicted"):
+            record["predicted"]["step_ms"] = record["predicted"].pop("step_ms_bound", None)
+    (old / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main([str(old), "-o", str(tmp_path / "old.html")]) == 0
+    wan = _section((tmp_path / "old.html").read_text(), "answer")
     assert "roofline lower bound: predicted before expected times" in wan
     assert "roofline bound (predicted before expected times)" in wan
     plan = _section(rendered["html"]["plan"], "answer")  # predicted now: expected time, its bound beside it

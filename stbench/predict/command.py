@@ -256,11 +256,12 @@ def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int 
     `make_case(world)` raises UserError for a layout that cannot run. A fake run takes a minute or more at
     full size, so the search does not try every power of two: a rank's peak is a + b / world (shards of
     parameters, gradients, AdamW state and the optimizer's temporaries shrink with FSDP; activations and
-    gathered parameters do not), fitted on the last two predictions; the next world tried is the smallest
+    gathered parameters do not), fitted on the last two sharded predictions (one GPU runs unsharded, without
+    FSDP's gathered copies: its peak lies on no such line); the next world tried is the smallest
     power of two that this fit says fits, and every answer is confirmed by predictions at it and at half of it
     (the allocator's rounding is not linear)."""
     capacity = target.memory_bytes - target.context_bytes
-    reserved: dict[int, int] = {}  # world -> predicted reserved bytes of a world that does not fit
+    reserved: dict[int, int] = {}  # world -> predicted reserved bytes of a sharded world that does not fit
     fits: dict[int, bool] = {}
 
     def run(world: int) -> str | None:
@@ -273,7 +274,7 @@ def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int 
         if record["status"] == "error":
             return f"{world} GPUs: prediction failed ({(record.get('error') or '').splitlines()[-1:]})"
         fits[world] = record["status"] == "ok"
-        if not fits[world]:
+        if not fits[world] and case.fsdp is not None:
             reserved[world] = record["predicted"]["reserved_bytes"]
         return None
 

@@ -226,8 +226,9 @@ def not_fitting(options: list[Option], fitting: list[Option]) -> list[str]:
         if cp_mode:
             what += f", {cp_mode} {cp}"
         gpus = ", ".join(str(o.gpus) for o in members)
+        # sharded layouts only: one unsharded GPU has no FSDP gathered copies, so its peak lies off their line
         fit = unshrinkable([(o.gpus // cp, o.p["reserved_bytes"]) for o in members
-                            if o.p.get("reserved_bytes") is not None and (o.record.get("fsdp") or cp == 1)])
+                            if o.p.get("reserved_bytes") is not None and o.record.get("fsdp")])
         fitting_here = [f for f in fitting if series_of(f) == (ac, cp_mode, cp)]
         peaks = ", ".join(f"{format_bytes(o.p['peak_bytes'])} on {o.gpus}" for o in members)
         if fit is not None and fit[0] >= usable:
