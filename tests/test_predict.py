@@ -237,7 +237,7 @@ def test_predict_command_writes_resumes_and_rejects_bad_input(tmp_path, capsys):
         line for line in lines.splitlines() if line.startswith("frontier ")]
     assert main([*frontier_argv[:-4], "h100-sxm", "--frontier", "gpus", "--out", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g" / "frontier.txt").read_text() == \
-        "frontier toy-mlp 16px x2 b1 on h100-sxm: fewest GPUs that fit 1 (fsdp; predicted)\n"
+        "frontier toy-mlp 16px x2 b1 on h100-sxm: fewest GPUs that fit 1 (one GPU, unsharded; predicted)\n"
 
 
 def test_report_shows_predictions_labelled_with_their_error(tmp_path, toy_case):

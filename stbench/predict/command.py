@@ -314,7 +314,8 @@ def _frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardware, emi
     for b, r, f in cases if target.name != "cpu" and sweep.frontier != "shapes" else ():
         n, why = fewest_gpus(predict, lambda w: sweep.case(arch, target.name, r, f, b, w), target,
                              start=sweep.cp_degree)
-        layout = (f"fsdp x {sweep.context_parallel} {sweep.cp_degree}" if sweep.context_parallel else "fsdp") + (
+        sharding = "one GPU, unsharded" if n == 1 else "fsdp"
+        layout = (f"fsdp x {sweep.context_parallel} {sweep.cp_degree}" if sweep.context_parallel else sharding) + (
             f", activation checkpointing {sweep.activation_checkpointing}"
             if sweep.activation_checkpointing not in (None, "none") else "")
         emit(f"frontier {arch} {size_label(r)}px x{f} b{b} on {target.name}: fewest GPUs that fit "
