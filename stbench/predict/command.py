@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import shlex
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,22 @@ def resolution_step(make_case) -> int | None:
     return None
 
 
+def unshrinkable(points: list[tuple[int, int]]) -> tuple[float, float] | None:
+    """(a, b) of a rank's reserved bytes = a + b / GPUs through the two largest FSDP degrees (a: what more GPUs do
+    not shrink: activations, gathered parameters, temporaries; b / GPUs: the shards of parameters, gradients and
+    optimizer state), or None with fewer than two degrees. The two largest, as predict's frontier fits: the
+    peaks flatten faster than 1/GPUs (wan 14b at 960 px: 197.8, 124.9, 101.6, 95.1 GiB on 2-16 GPUs), so a fit
+    over small degrees puts the floor too low and promises a fit that more GPUs never reach."""
+    by_degree: dict[int, list[int]] = {}
+    for w, v in points:
+        by_degree.setdefault(w, []).append(v)
+    if len(by_degree) < 2:
+        return None
+    (w1, v1), (w2, v2) = ((w, statistics.fmean(by_degree[w])) for w in sorted(by_degree)[-2:])
+    b = (v1 - v2) / (1 / w1 - 1 / w2)
+    return float(v2 - b / w2), float(b)
+
+
 def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int = MAX_GPUS) -> tuple[int | None, str]:
     """(fewest GPUs, a power of two times `start`, predicted to fit, or None; why the search stopped).
 
@@ -287,12 +304,11 @@ def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int 
             return None, why
         if fits[world]:
             break
-        tried = sorted(reserved)
         following = world * 2
-        if len(tried) >= 2:
-            w1, w2 = tried[-2], tried[-1]
-            b = (reserved[w1] - reserved[w2]) / (1 / w1 - 1 / w2)
-            a = reserved[w2] - b / w2
+        fit = unshrinkable(list(reserved.items()))
+        if fit is not None:
+            a, b = fit
+            w1, w2 = sorted(reserved)[-2:]
             if a >= capacity:
                 return None, (f"the part of a rank's peak that more GPUs do not shrink is about {format_bytes(a)} "
                               f"(fitted on {w1} and {w2} GPUs): more GPUs do not help (try activation "

@@ -11,12 +11,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
 
 import architectures
 
 from .. import planner, results
 from ..predict import hardware as hw
+from ..predict.command import unshrinkable
 from ..predict.efficiency import HOST_BOUND, is_host_bound
 from ..units import format_bytes
 from . import validation
@@ -177,16 +177,6 @@ def ranked(options: list[Option]) -> list[Option]:
 
 # --- why a layout does not fit ---------------------------------------------------------------------------
 
-def unshrinkable(points: list[tuple[int, int]]) -> tuple[float, float] | None:
-    """(a, b) of a rank's reserved bytes = a + b / GPUs, least squares over FSDP degrees (a: what more GPUs do
-    not shrink: activations, gathered parameters, temporaries; b / GPUs: the shards of parameters, gradients and
-    optimizer state), or None with fewer than two degrees."""
-    if len({w for w, _ in points}) < 2:
-        return None
-    b, a = np.polyfit([1.0 / w for w, _ in points], [float(v) for _, v in points], 1)
-    return float(a), float(b)
-
-
 def _suggestion(record: dict, checkpointing: bool, context_parallel: bool) -> str:
     tries = []
     if not checkpointing:
@@ -227,14 +217,15 @@ def not_fitting(options: list[Option], fitting: list[Option]) -> list[str]:
             what += f", {cp_mode} {cp}"
         gpus = ", ".join(str(o.gpus) for o in members)
         # sharded layouts only: one unsharded GPU has no FSDP gathered copies, so its peak lies off their line
-        fit = unshrinkable([(o.gpus // cp, o.p["reserved_bytes"]) for o in members
-                            if o.p.get("reserved_bytes") is not None and o.record.get("fsdp")])
+        sharded = [o for o in members if o.p.get("reserved_bytes") is not None and o.record.get("fsdp")]
+        fit = unshrinkable([(o.gpus // cp, o.p["reserved_bytes"]) for o in sharded])
+        fitted_on = " and ".join(str(g) for g in sorted({o.gpus for o in sharded})[-2:])
         fitting_here = [f for f in fitting if series_of(f) == (ac, cp_mode, cp)]
         peaks = ", ".join(f"{format_bytes(o.p['peak_bytes'])} on {o.gpus}" for o in members)
         if fit is not None and fit[0] >= usable:
             text = (f"{what}: does not fit on {gpus} GPUs; the part of a rank's peak that more GPUs do not shrink "
                     f"(activations, gathered parameters, temporaries) is about {format_bytes(fit[0])} per rank "
-                    f"(fitted on {gpus} GPUs), over the {format_bytes(usable)} a GPU has beside its CUDA context: "
+                    f"(fitted on {fitted_on} GPUs), over the {format_bytes(usable)} a GPU has beside its CUDA context: "
                     f"more GPUs do not help; try {_suggestion(members[0].record, ac != 'none', cp_mode is not None)}.")
         elif fitting_here and min(f.gpus for f in fitting_here) > members[-1].gpus:
             fewest = min(f.gpus for f in fitting_here)
