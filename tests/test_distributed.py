@@ -296,6 +296,41 @@ def test_ring_chunks_run_fused_and_the_formed_fallback_gives_the_same_gradients(
     torch.testing.assert_close(fused[0], reference, **TOL)
 
 
+def _bf16_chunks_against_dense(device: str) -> str:
+    """Two bf16 chunks through the device's kernel (`ring._flash_kernel`), merged, forward and per-chunk backward,
+    against fp32 dense attention and its autograd; returns the kernel that ran."""
+    B, H, n, D, scale = 1, 4, 256, 64, 0.125
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(B, H, 2 * n if i in (1, 2) else n, D, device=device, generator=g)
+                     for i in range(4))
+    qb, kb, vb, doutb = (t.bfloat16() for t in (q, k, v, dout))
+    kernel = ring._flash_kernel(qb, kb[:, :, :n], vb[:, :, :n])
+    chunks = [ring.chunk_attention(qb, kb[:, :, s], vb[:, :, s], scale, kernel) for s in (slice(0, n), slice(n, None))]
+    out, lse = ring.merge_partial(*ring.merge_partial(None, None, *chunks[0][:2]), *chunks[1][:2])
+    o = out if kernel is None else out.to(qb.dtype)
+    grads = [ring._chunk_grads(qb, kb[:, :, s], vb[:, :, s], doutb, o, lse, scale, kernel, chunk[2])
+             for s, chunk in zip((slice(0, n), slice(n, None)), chunks)]
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    reference = dense_attention(q, k, v, scale=scale)
+    reference.backward(dout)
+    tol = dict(rtol=3e-2, atol=3e-2)  # bf16 products against fp32
+    torch.testing.assert_close(out.float(), reference.detach(), **tol)
+    torch.testing.assert_close(grads[0][0] + grads[1][0], q.grad, **tol)
+    for i, full in ((1, k.grad), (2, v.grad)):
+        torch.testing.assert_close(torch.cat([grads[0][i], grads[1][i]], 2), full, **tol)
+    return kernel
+
+
+def test_bf16_ring_chunks_match_dense_attention_on_the_cpu():
+    assert _bf16_chunks_against_dense("cpu") == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_ring_chunks_run_flash_attention_2_and_match_dense_attention_on_cuda():
+    assert _bf16_chunks_against_dense("cuda") == "cuda"  # FlashAttention-2's forward and backward, by name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
 def test_context_parallel_step_equals_single_process(mode, two_ranks):
