@@ -240,6 +240,29 @@ def test_predict_command_writes_resumes_and_rejects_bad_input(tmp_path, capsys):
         "frontier toy-mlp 16px x2 b1 on h100-sxm: fewest GPUs that fit 1 (one GPU, unsharded; predicted)\n"
 
 
+def test_predictions_that_do_not_fit_end_with_the_plan_to_run(tmp_path, capsys, monkeypatch):
+    """A sweep with predictions that do not fit ends with one line: the `stbench plan` command for the first of
+    them, with the case's own shape, regime and overrides, which plan's parser accepts."""
+    from stbench.cli import build_parser
+
+    small = dataclasses.replace(hardware.get("h100-sxm"), memory_bytes=(512 << 20) + (1 << 20))  # a 1 MiB GPU
+    monkeypatch.setitem(hardware.HARDWARE, "h100-sxm", small)
+    argv = ["predict", "--arch", TOY_ARCH, "--resolution", "16,32", "--frames", "2", "--hardware", "h100-sxm,cpu",
+            "--dtype", "bf16", "--param-dtype", "bf16", "--set", "hidden=32", "--out", str(tmp_path / "p")]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "predicted not to fit" in line]
+    assert len(lines) == 1 and lines[0].startswith("stbench: 2 of 4 predicted not to fit; rerun with "
+                                                   "--activation-checkpointing blocks, or see every layout of 8 GPUs")
+    plan = lines[0].split(": ", 2)[2].split()
+    assert plan[:2] == ["stbench", "plan"]
+    args = build_parser().parse_args(plan[1:])
+    assert (args.arch, args.resolution, args.frames, args.gpus, args.hardware, args.param_dtype, args.set) == \
+        (TOY_ARCH, "16", 2, 8, "h100-sxm", "bf16", ["hidden=32"])
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "q"), "--hardware", "cpu"]) == 0  # all fit: no such line
+    assert "predicted not to fit" not in capsys.readouterr().err
+
+
 def test_report_shows_predictions_labelled_with_their_error(tmp_path, toy_case):
     from stbench.report import predicted as section
     from stbench.report.render import render_report

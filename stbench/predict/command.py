@@ -16,7 +16,7 @@ from ..config import DTYPES, Case, frame_fields, json_settings, parse_set_option
 from ..errors import UserError
 from ..measure import env
 from ..overrides import comma_list, resolution_list
-from ..regimes import add_regime_arguments, regime_settings
+from ..regimes import add_regime_arguments, regime_flags, regime_settings
 from ..runner import add_parallel_arguments, fsdp_settings
 from ..units import format_bytes
 from . import hardware as hw
@@ -361,6 +361,21 @@ def _shape_frontiers(sweep: PredictSweep, predict, arch: str, target: hw.Hardwar
                  f"{'' if bad is None else f' ({bad * step}px does not fit)'} (predicted)")
 
 
+def oom_hint(sweep: PredictSweep, oom: list[tuple], total: int) -> str:
+    """One line after predictions that do not fit: the plan for the first of them (case, hardware, size, world) on
+    8 GPUs or its own world if larger, as a command (every FSDP x context-parallel layout, with and without
+    activation checkpointing, ranked by throughput)."""
+    case, hardware, size, world = oom[0]
+    plan = ["stbench", "plan", "--arch", case.arch, "--preset", case.preset, "--mode", case.mode,
+            "--resolution", size_label(size), "--frames", str(case.frames), "--batch", str(case.batch),
+            "--dtype", case.dtype, "--gpus", str(max(8, world)), "--hardware", hardware, "--activation-checkpointing", "none,blocks",
+            *(flag for key, value in sweep.overrides for flag in ("--set", f"{key}={value}")), *regime_flags(case)]
+    retry = "rerun with --activation-checkpointing blocks, or see " if case.activation_checkpointing in (
+        None, "none") else ""
+    return (f"stbench: {len(oom)} of {total} predicted not to fit; {retry}every layout of {max(8, world)} GPUs for "
+            f"the first, ranked (FSDP, context parallelism, activation checkpointing): {shlex.join(plan)}")
+
+
 def execute(args: argparse.Namespace) -> int:
     sweep = sweep_from_args(args)
     out = Path(args.out or f"runs/predict-{env.utc_now().replace(':', '').replace('+0000', 'Z')}")
@@ -381,7 +396,12 @@ def execute(args: argparse.Namespace) -> int:
             for target in targets.values():
                 _frontiers(sweep, predict, arch, target, emit)
     else:
+        oom = []
         for arch, name, r, f, b, w in sweep.grid():
-            predict(sweep.case(arch, name, r, f, b, w), targets[name], w)
+            case = sweep.case(arch, name, r, f, b, w)
+            if predict(case, targets[name], w)["status"] == "oom":
+                oom.append((case, name, r, w))
+        if oom:
+            print(oom_hint(sweep, oom, len(sweep.grid())), file=sys.stderr)
     print(f"stbench: predictions -> {path}", file=sys.stderr)
     return 0
