@@ -366,13 +366,15 @@ def oom_hint(sweep: PredictSweep, oom: list[tuple], total: int) -> str:
     8 GPUs or its own world if larger, as a command (every FSDP x context-parallel layout, with and without
     activation checkpointing, ranked by throughput)."""
     case, hardware, size, world = oom[0]
+    gpus = max(8, world)
     plan = ["stbench", "plan", "--arch", case.arch, "--preset", case.preset, "--mode", case.mode,
             "--resolution", size_label(size), "--frames", str(case.frames), "--batch", str(case.batch),
-            "--dtype", case.dtype, "--gpus", str(max(8, world)), "--hardware", hardware, "--activation-checkpointing", "none,blocks",
+            "--dtype", case.dtype, "--gpus", str(gpus), "--hardware", hardware,
+            "--activation-checkpointing", "none,blocks",
             *(flag for key, value in sweep.overrides for flag in ("--set", f"{key}={value}")), *regime_flags(case)]
     retry = "rerun with --activation-checkpointing blocks, or see " if case.activation_checkpointing in (
         None, "none") else ""
-    return (f"stbench: {len(oom)} of {total} predicted not to fit; {retry}every layout of {max(8, world)} GPUs for "
+    return (f"stbench: {len(oom)} of {total} predicted not to fit; {retry}every layout of {gpus} GPUs for "
             f"the first, ranked (FSDP, context parallelism, activation checkpointing): {shlex.join(plan)}")
 
 

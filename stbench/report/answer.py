@@ -11,7 +11,6 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-
 import architectures
 
 from .. import planner, results
