@@ -18,7 +18,6 @@ from ..predict import hardware as hw
 from ..predict.command import unshrinkable
 from ..predict.efficiency import HOST_BOUND, is_host_bound
 from ..units import format_bytes
-from . import validation
 
 STEPS = 1000  # GPU-hours per this many steps
 # what a model is: every identity field but the shape, the layout and the hardware
@@ -342,4 +341,4 @@ def section(records: list[dict], figures_for=None, frontier_figures=None, fronti
                         for model, gs in compact.items()],
             "frontiers": frontier_figures([r for r in records if is_prediction(r) and r["status"] != "error"
                                            and "peak_bytes" in r["predicted"]]) if frontier_figures else [],
-            "frontier_lines": list(frontier_lines), "validation": validation.sentence()}
+            "frontier_lines": list(frontier_lines)}

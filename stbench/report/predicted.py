@@ -9,7 +9,7 @@ import matplotlib.ticker
 from .. import results
 from ..predict import hardware as hw
 from ..predict.efficiency import is_host_bound
-from . import answer, validation
+from . import answer
 from .figures import LOG_SPAN, Figure, _styled, arch_colors, log_scale, to_data_uri
 
 
@@ -212,4 +212,4 @@ def section(records: list[dict]) -> dict | None:
     rows = [pair(r, measured) for r in sorted(predictions, key=lambda r: (
         r["arch"], r["preset"], r["resolution"], r["frames"], r["batch"], r["dtype"], r["device"]))]
     return {"rows": rows,
-            "compared": sum(row["measured"] is not None for row in rows), "validation": validation.sentence()}
+            "compared": sum(row["measured"] is not None for row in rows)}
