@@ -139,7 +139,8 @@ def test_unshrinkable_part_is_fitted_on_the_two_largest_degrees():
     from stbench.predict.command import unshrinkable
 
     a, b = 40 * 2**30, 300 * 2**30
-    assert unshrinkable([(w, a + b / w) for w in (1, 2, 8)]) == pytest.approx((a, b))
+    fit = unshrinkable([(w, a + b / w) for w in (1, 2, 8)])
+    assert fit[:2] == pytest.approx((a, b)) and fit[2] == (2, 8)  # the two degrees it went through
     # peaks that flatten faster than 1/GPUs: the floor is read off the largest degrees, not pulled down by 2
     flattening = [(2, 197.8), (4, 124.9), (8, 101.6), (16, 95.1)]
     assert unshrinkable(flattening)[0] == pytest.approx(95.1 - (101.6 - 95.1))

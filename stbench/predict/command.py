@@ -251,10 +251,10 @@ def resolution_step(make_case) -> int | None:
     return None
 
 
-def unshrinkable(points: list[tuple[int, int]]) -> tuple[float, float] | None:
-    """(a, b) of a rank's reserved bytes = a + b / GPUs through the two largest FSDP degrees (a: what more GPUs do
-    not shrink: activations, gathered parameters, temporaries; b / GPUs: the shards of parameters, gradients and
-    optimizer state), or None with fewer than two degrees. The two largest, as predict's frontier fits: the
+def unshrinkable(points: list[tuple[int, int]]) -> tuple[float, float, tuple[int, int]] | None:
+    """(a, b, the two degrees) of a rank's reserved bytes = a + b / GPUs through the two largest FSDP degrees (a:
+    what more GPUs do not shrink: activations, gathered parameters, temporaries; b / GPUs: the shards of
+    parameters, gradients and optimizer state), or None with fewer than two degrees. The two largest, as predict's frontier fits: the
     peaks flatten faster than 1/GPUs (wan 14b at 960 px: 197.8, 124.9, 101.6, 95.1 GiB on 2-16 GPUs), so a fit
     over small degrees puts the floor too low and promises a fit that more GPUs never reach."""
     by_degree: dict[int, list[int]] = {}
@@ -264,7 +264,7 @@ def unshrinkable(points: list[tuple[int, int]]) -> tuple[float, float] | None:
         return None
     (w1, v1), (w2, v2) = ((w, statistics.fmean(by_degree[w])) for w in sorted(by_degree)[-2:])
     b = (v1 - v2) / (1 / w1 - 1 / w2)
-    return float(v2 - b / w2), float(b)
+    return float(v2 - b / w2), float(b), (w1, w2)
 
 
 def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int = MAX_GPUS) -> tuple[int | None, str]:
@@ -307,8 +307,7 @@ def fewest_gpus(predict, make_case, target: hw.Hardware, start: int, limit: int 
         following = world * 2
         fit = unshrinkable(list(reserved.items()))
         if fit is not None:
-            a, b = fit
-            w1, w2 = sorted(reserved)[-2:]
+            a, b, (w1, w2) = fit
             if a >= capacity:
                 return None, (f"the part of a rank's peak that more GPUs do not shrink is about {format_bytes(a)} "
                               f"(fitted on {w1} and {w2} GPUs): more GPUs do not help (try activation "
@@ -398,12 +397,12 @@ def execute(args: argparse.Namespace) -> int:
             for target in targets.values():
                 _frontiers(sweep, predict, arch, target, emit)
     else:
-        oom = []
-        for arch, name, r, f, b, w in sweep.grid():
+        oom, grid = [], sweep.grid()
+        for arch, name, r, f, b, w in grid:
             case = sweep.case(arch, name, r, f, b, w)
             if predict(case, targets[name], w)["status"] == "oom":
                 oom.append((case, name, r, w))
         if oom:
-            print(oom_hint(sweep, oom, len(sweep.grid())), file=sys.stderr)
+            print(oom_hint(sweep, oom, len(grid)), file=sys.stderr)
     print(f"stbench: predictions -> {path}", file=sys.stderr)
     return 0

@@ -217,7 +217,7 @@ def not_fitting(options: list[Option], fitting: list[Option]) -> list[str]:
         # sharded layouts only: one unsharded GPU has no FSDP gathered copies, so its peak lies off their line
         sharded = [o for o in members if o.p.get("reserved_bytes") is not None and o.record.get("fsdp")]
         fit = unshrinkable([(o.gpus // cp, o.p["reserved_bytes"]) for o in sharded])
-        fitted_on = " and ".join(str(g) for g in sorted({o.gpus for o in sharded})[-2:])
+        fitted_on = " and ".join(str(w * cp) for w in fit[2]) if fit is not None else ""  # in GPUs
         fitting_here = [f for f in fitting if series_of(f) == (ac, cp_mode, cp)]
         peaks = ", ".join(f"{format_bytes(o.p['peak_bytes'])} on {o.gpus}" for o in members)
         if fit is not None and fit[0] >= usable:
