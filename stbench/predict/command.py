@@ -254,9 +254,10 @@ def resolution_step(make_case) -> int | None:
 def unshrinkable(points: list[tuple[int, int]]) -> tuple[float, float, tuple[int, int]] | None:
     """(a, b, the two degrees) of a rank's reserved bytes = a + b / GPUs through the two largest FSDP degrees (a:
     what more GPUs do not shrink: activations, gathered parameters, temporaries; b / GPUs: the shards of
-    parameters, gradients and optimizer state), or None with fewer than two degrees. The two largest, as predict's frontier fits: the
-    peaks flatten faster than 1/GPUs (wan 14b at 960 px: 197.8, 124.9, 101.6, 95.1 GiB on 2-16 GPUs), so a fit
-    over small degrees puts the floor too low and promises a fit that more GPUs never reach."""
+    parameters, gradients and optimizer state), or None with fewer than two degrees. The two largest, as the
+    frontier's search fits: the peaks flatten faster than 1/GPUs (wan 14b at 960 px, predicted: 197.8, 124.9,
+    101.6, 95.1 GiB on 2-16 GPUs), so a fit over small degrees puts the floor too low and promises a fit that
+    more GPUs never reach."""
     by_degree: dict[int, list[int]] = {}
     for w, v in points:
         by_degree.setdefault(w, []).append(v)
